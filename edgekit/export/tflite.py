@@ -198,7 +198,7 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
             b.StartVector(1, len(data), 16)
             b.head = b.head - len(data)
             b.Bytes[b.head : b.head + len(data)] = data
-            vec = b.EndVector(len(data))
+            vec = b.EndVector()
             buf_offs.append(_table(b, "Buffer", {"Data": vec}))
         else:
             buf_offs.append(_table(b, "Buffer", {}))
@@ -241,7 +241,7 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
         b.StartVector(4, len(offs), 4)
         for o in reversed(offs):
             b.PrependUOffsetTRelative(o)
-        return b.EndVector(len(offs))
+        return b.EndVector()
 
     sg_name = b.CreateString("main")
     sg = _table(b, "SubGraph", {"Tensors": vec_of(t_offs), "Inputs": _vec_i32(b, inputs),

@@ -1,0 +1,262 @@
+"""Lowering: a QuantModel (integer NHWC graph) -> a Relax IRModule whose ``main`` takes the
+quantized int8 input tensor(s) and returns the int8 output tensor(s).
+
+Each operator becomes one TE kernel from ``kernels/`` (emitted with ``emit_te``, so one
+PrimFunc per node, epilogue fused); weights and per-channel rescales become constants baked
+into the compiled library (int4 weights stay packed two per byte and are unpacked in-kernel).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from edgekit.errors import UnsupportedOpsError
+from edgekit.qmodel import QNode, QuantModel
+from kernels import conv2d as kconv
+from kernels import dense as kdense
+from kernels import depthwise as kdw
+from kernels import elementwise as kew
+from kernels import int4 as kint4
+from kernels import layout as klayout
+from kernels import pool as kpool
+from kernels import requant as kreq
+
+SUPPORTED = {"quantize", "conv2d", "dense", "add", "mul", "requantize", "maxpool", "avgpool", "concat", "pad",
+             "reshape", "transpose", "lut", "clamp"}
+
+
+@dataclass
+class Lowered:
+    """The Relax module plus what the manifest needs to know."""
+
+    mod: tvm.IRModule
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    weight_bytes: int = 0  # bytes of weight constants as stored in the library
+    kernels: dict[str, str] = field(default_factory=dict)  # primfunc -> kernel family
+
+
+def _name(s: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", s)[:48]
+
+
+def _vec(a, n: int, dtype: str = "int32") -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(np.asarray(a), (n,)).astype(dtype))
+
+
+def check_supported(qm: QuantModel) -> None:
+    bad = [(n.op, n.name) for n in qm.nodes if n.op not in SUPPORTED]
+    for n in qm.nodes:
+        if n.op == "quantize" and n.inputs[0] not in qm.inputs:
+            bad.append(("quantize (inside the graph)", n.name))
+    if bad:
+        raise UnsupportedOpsError(bad, context="edgekit compile (TVM)")
+
+
+class _Lowerer:
+    def __init__(self, qm: QuantModel, batch: int):
+        self.qm = qm
+        self.batch = batch
+        self.bb = relax.BlockBuilder()
+        self.env: dict[str, relax.Expr] = {}
+        self.weight_bytes = 0
+        self.kernels: dict[str, str] = {}
+
+    def zp(self, t: str) -> int:
+        return int(self.qm.tensors[t].zero_point or 0)
+
+    def val(self, t: str) -> relax.Expr:
+        if t in self.env:
+            return self.env[t]
+        if t in self.qm.constants:
+            return relax.const(np.ascontiguousarray(self.qm.constants[t]))
+        raise KeyError(f"tensor {t!r} is used before it is computed")
+
+    def emit(self, family: str, node: QNode, fn, *args, **kw) -> relax.Expr:
+        hint = f"{family}_{_name(node.name)}"
+        self.kernels[hint] = family
+        return self.bb.emit_te(fn, *args, primfunc_name_hint=hint, **kw)
+
+    def weight(self, node: QNode) -> tuple[np.ndarray, relax.Expr, int]:
+        """(int8 weight, the constant to pass, bits)."""
+        w = np.asarray(self.qm.constants[node.params["weight"]]).astype(np.int8)
+        bits = int(node.attrs.get("weight_bits", 8))
+        if bits == 4:
+            packed = kint4.pack_int4(w)
+            self.weight_bytes += packed.nbytes
+            return w, relax.const(packed), 4
+        self.weight_bytes += w.nbytes
+        return w, relax.const(np.ascontiguousarray(w)), 8
+
+    def rescale(self, node: QNode, o: int) -> tuple[relax.Expr, relax.Expr]:
+        m = _vec(self.qm.constants[node.params["multiplier"]], o)
+        s = _vec(self.qm.constants[node.params["shift"]], o)
+        return relax.const(m), relax.const(s)
+
+    # ---- operators ----------------------------------------------------------------
+    def conv2d(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        x = self.val(node.inputs[0])
+        w, wc, bits = self.weight(node)
+        o, kh, kw, ipg = w.shape
+        c = int(x.ty.shape[3])
+        zin, zout = self.zp(node.inputs[0]), self.zp(node.outputs[0])
+        bias = kconv.fold_input_zero_point(np.asarray(self.qm.constants[node.params["bias"]]), w, zin)
+        m, s = self.rescale(node, o)
+        g = int(a.get("groups", 1))
+        common = dict(strides=a.get("strides", (1, 1)), dilations=a.get("dilations", (1, 1)),
+                      pads=a.get("pads", (0, 0, 0, 0)), zin=zin, zout=zout,
+                      act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+        depthwise = g > 1 and ipg == 1 and g == c
+
+        def fn(xt, wt, bt, mt, st):
+            if bits == 4:
+                wt = kint4.unpack_int4_te(wt, (o, kh, kw, ipg))
+            if depthwise:
+                return kdw.depthwise_conv2d_nhwc(xt, wt, bt, mt, st, **common)
+            return kconv.conv2d_nhwc(xt, wt, bt, mt, st, groups=g, **common)
+
+        family = ("depthwise" if depthwise else "conv2d") + ("_int4" if bits == 4 else "")
+        return self.emit(family, node, fn, x, wc, relax.const(bias), m, s)
+
+    def dense(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        x = self.val(node.inputs[0])
+        w, wc, bits = self.weight(node)
+        o, k = w.shape
+        shape = [int(d) for d in x.ty.shape]
+        if len(shape) != 2:
+            x = self.bb.emit(relax.op.reshape(x, (-1, k)))
+        zin, zout = self.zp(node.inputs[0]), self.zp(node.outputs[0])
+        bias = kconv.fold_input_zero_point(np.asarray(self.qm.constants[node.params["bias"]]), w, zin)
+        m, s = self.rescale(node, o)
+        kw = dict(zout=zout, act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+
+        def fn(xt, wt, bt, mt, st):
+            if bits == 4:
+                wt = kint4.unpack_int4_te(wt, (o, k))
+            return kdense.dense(xt, wt, bt, mt, st, **kw)
+
+        y = self.emit("dense" + ("_int4" if bits == 4 else ""), node, fn, x, wc, relax.const(bias), m, s)
+        if len(shape) != 2:
+            y = self.bb.emit(relax.op.reshape(y, shape[:-1] + [o]))
+        return y
+
+    def add(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        ia, ib = node.inputs
+        kw = {k: int(a[k]) for k in ("left_shift", "multiplier_a", "shift_a", "multiplier_b", "shift_b",
+                                    "multiplier", "shift")}
+        return self.emit("add", node, kew.add, self.val(ia), self.val(ib), za=self.zp(ia), zb=self.zp(ib),
+                         zout=self.zp(node.outputs[0]), act_min=int(a.get("act_min", -128)),
+                         act_max=int(a.get("act_max", 127)), **kw)
+
+    def mul(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        ia, ib = node.inputs
+        return self.emit("mul", node, kew.mul, self.val(ia), self.val(ib), za=self.zp(ia), zb=self.zp(ib),
+                         zout=self.zp(node.outputs[0]), multiplier=int(a["multiplier"]), shift=int(a["shift"]),
+                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+
+    def requantize(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        m = np.atleast_1d(np.asarray(a["multiplier"])).astype(np.int32)
+        s = np.atleast_1d(np.asarray(a["shift"])).astype(np.int32)
+        return self.emit("requantize", node, kreq.requantize_op, self.val(node.inputs[0]), relax.const(m),
+                         relax.const(s), zin=self.zp(node.inputs[0]), zout=self.zp(node.outputs[0]),
+                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+
+    def maxpool(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        return self.emit("pool", node, kpool.maxpool, self.val(node.inputs[0]), kernel=a["kernel"],
+                         strides=a["strides"], pads=a.get("pads", (0, 0, 0, 0)),
+                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+
+    def avgpool(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        x = self.val(node.inputs[0])
+        _, h, w, _ = (int(d) for d in x.ty.shape)
+        pads = a.get("pads", (0, 0, 0, 0))
+        half, mb, mk = kpool.avgpool_tables(h, w, a["kernel"], a["strides"], pads)
+        return self.emit("pool", node, kpool.avgpool, x, relax.const(half), relax.const(mb), relax.const(mk),
+                         kernel=a["kernel"], strides=a["strides"], pads=pads,
+                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+
+    def concat(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        rescales = [None if m is None else (int(m), int(s)) for m, s in zip(a["multipliers"], a["shifts"], strict=True)]
+        zins = [self.zp(i) for i in node.inputs]
+        xs = [self.val(i) for i in node.inputs]
+
+        def fn(*ts):
+            return klayout.concat(*ts, axis=int(a["axis"]), rescales=rescales, zins=zins, zout=self.zp(node.outputs[0]))
+
+        return self.emit("concat", node, fn, *xs)
+
+    def pad(self, node: QNode) -> relax.Expr:
+        return self.emit("pad", node, klayout.pad, self.val(node.inputs[0]), pads=node.attrs["pads"],
+                         fill=self.zp(node.outputs[0]))
+
+    def reshape(self, node: QNode) -> relax.Expr:
+        x = self.val(node.inputs[0])
+        shape = [self.batch if d is None else int(d) for d in node.attrs["shape"]]
+        return self.bb.emit(relax.op.reshape(x, shape))
+
+    def transpose(self, node: QNode) -> relax.Expr:
+        return self.emit("transpose", node, klayout.transpose, self.val(node.inputs[0]), perm=node.attrs["perm"])
+
+    def lut(self, node: QNode) -> relax.Expr:
+        table = np.asarray(self.qm.constants[node.params["table"]]).astype(np.int8)
+        return self.emit("lut", node, kew.lut, self.val(node.inputs[0]), relax.const(table))
+
+    def clamp(self, node: QNode) -> relax.Expr:
+        a = node.attrs
+        return self.emit("clamp", node, kew.clamp, self.val(node.inputs[0]), act_min=int(a.get("act_min", -128)),
+                         act_max=int(a.get("act_max", 127)))
+
+    # ---- the graph ----------------------------------------------------------------
+    def run(self) -> Lowered:
+        qm = self.qm
+        params, in_infos = [], []
+        feeds: dict[str, str] = {}  # graph input -> int8 tensor it becomes
+        for name in qm.inputs:
+            q = next((n for n in qm.nodes if n.op == "quantize" and n.inputs[0] == name), None)
+            tname = q.outputs[0] if q else name
+            info = qm.tensors[tname]
+            if info.dtype != "int8":
+                raise UnsupportedOpsError([(f"{info.dtype} graph input", name)], context="edgekit compile (TVM)")
+            shape = [self.batch if d is None else int(d) for d in info.shape]
+            v = relax.Var(_name(name), relax.TensorType(shape, "int8"))
+            params.append(v)
+            self.env[tname] = v
+            feeds[name] = tname
+            in_infos.append({"name": name, "shape": shape, "dtype": "int8", "scale": info.scale,
+                             "zero_point": info.zero_point})
+        with self.bb.function("main", params):
+            with self.bb.dataflow():
+                for node in qm.nodes:
+                    if node.op == "quantize":
+                        continue
+                    self.env[node.outputs[0]] = getattr(self, node.op)(node)
+                outs = [self.env[o.name] for o in qm.outputs]
+                res = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+            self.bb.emit_func_output(res)
+        out_infos = []
+        for o in qm.outputs:
+            info = qm.tensors[o.name]
+            shape = [int(d) for d in self.env[o.name].ty.shape]
+            out_infos.append({"name": o.name, "shape": shape, "dtype": "int8", "scale": info.scale,
+                              "zero_point": info.zero_point, "epilogue": list(o.epilogue)})
+        return Lowered(self.bb.get(), in_infos, out_infos, self.weight_bytes, self.kernels)
+
+
+def lower(qm: QuantModel, batch: int = 1) -> Lowered:
+    """The Relax module for ``qm`` at a static batch size."""
+    check_supported(qm)
+    return _Lowerer(qm, batch).run()

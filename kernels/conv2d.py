@@ -1,0 +1,112 @@
+"""NHWC int8 conv2d with the fused requantization epilogue (groups == 1 and grouped).
+
+The input zero point is folded into the bias at compile time (``fold_input_zero_point``):
+``sum((x - zin) * w) = sum(x * w) - zin * sum(w)``, with padded cells holding ``zin``, so the
+inner loop is a plain int8 x int8 -> int32 dot product (what ``sdot``/``vpdpbusd`` compute).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import te, tirx
+
+from kernels.requant import epilogue
+
+
+def out_size(size: int, k: int, stride: int, dilation: int, before: int, after: int) -> int:
+    return (size + before + after - ((k - 1) * dilation + 1)) // stride + 1
+
+
+def fold_input_zero_point(bias: np.ndarray, weight: np.ndarray, zin: int) -> np.ndarray:
+    """bias - zin * sum(weight over all but the output axis), as int32 (checked)."""
+    s = weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
+    b = bias.astype(np.int64) - int(zin) * s
+    if b.min(initial=0) < -(1 << 31) or b.max(initial=0) >= (1 << 31):
+        raise OverflowError("folded bias does not fit int32")
+    return b.astype(np.int32)
+
+
+def pad_nhwc(x: te.Tensor, pads, fill: int, name: str = "pad") -> te.Tensor:
+    """Spatial padding [top, left, bottom, right] of an NHWC tensor with a constant value."""
+    top, left, bottom, right = (int(p) for p in pads)
+    if top == left == bottom == right == 0:
+        return x
+    n, h, w, c = (int(d) for d in x.shape)
+    fillv = tirx.const(int(fill), x.dtype)
+
+    def f(b, i, j, ch):
+        inside = tirx.all(i >= top, i < top + h, j >= left, j < left + w)
+        return tirx.if_then_else(inside, x[b, i - top, j - left, ch], fillv)
+
+    return te.compute((n, h + top + bottom, w + left + right, c), f, name=name)
+
+
+def conv2d_acc(x: te.Tensor, w: te.Tensor, *, strides, dilations, pads, zin: int, groups: int = 1) -> te.Tensor:
+    """int32 accumulators [N, OH, OW, O] of an NHWC conv with weights [O, KH, KW, I/groups]."""
+    n, h, wd, c = (int(d) for d in x.shape)
+    o, kh, kw, ipg = (int(d) for d in w.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilations)
+    oh = out_size(h, kh, sh, dh, pads[0], pads[2])
+    ow = out_size(wd, kw, sw, dw, pads[1], pads[3])
+    xp = pad_nhwc(x, pads, zin)
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, ipg), "rc")
+    opg = o // groups
+
+    def chan(oc, r):
+        return r if groups == 1 else (oc // opg) * ipg + r
+
+    return te.compute(
+        (n, oh, ow, o),
+        lambda b, i, j, oc: te.sum(
+            xp[b, i * sh + rh * dh, j * sw + rw * dw, chan(oc, rc)].astype("int32") * w[oc, rh, rw, rc].astype("int32"),
+            axis=[rh, rw, rc],
+        ),
+        name="conv_acc",
+    )
+
+
+def conv2d_nhwc(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, strides, dilations,
+                pads, groups: int, zin: int, zout: int, act_min: int, act_max: int) -> te.Tensor:
+    """Fused conv2d + requantize (bias must already hold the folded input zero point)."""
+    acc = conv2d_acc(x, w, strides=strides, dilations=dilations, pads=pads, zin=zin, groups=groups)
+    return epilogue(acc, bias, m, shift, zout, act_min, act_max)
+
+
+# ---- packed layout: output channels blocked, [O/b, KH, KW, I, b] -------------------------
+
+def pack_weight_oblock(weight: np.ndarray, block: int) -> np.ndarray:
+    """[O, KH, KW, I] -> [ceil(O/b), KH, KW, I, b] (zero-padded output channels)."""
+    o, kh, kw, i = weight.shape
+    ob = -(-o // block)
+    wp = np.zeros((ob * block, kh, kw, i), weight.dtype)
+    wp[:o] = weight
+    return np.ascontiguousarray(wp.reshape(ob, block, kh, kw, i).transpose(0, 2, 3, 4, 1))
+
+
+def conv2d_nhwc_packed(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *,
+                       out_channels: int, strides, dilations, pads, zin: int, zout: int, act_min: int, act_max: int) -> te.Tensor:
+    """conv2d (groups == 1) over weights packed by ``pack_weight_oblock``: the innermost axis is
+    ``b`` consecutive output channels, so the reduction vectorizes over output channels."""
+    n, h, wd, c = (int(d) for d in x.shape)
+    _, kh, kw, ipg, blk = (int(d) for d in wp.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilations)
+    oh = out_size(h, kh, sh, dh, pads[0], pads[2])
+    ow = out_size(wd, kw, sw, dw, pads[1], pads[3])
+    xp = pad_nhwc(x, pads, zin)
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rc = te.reduce_axis((0, ipg), "rc")
+    acc = te.compute(
+        (n, oh, ow, out_channels),
+        lambda b, i, j, oc: te.sum(
+            xp[b, i * sh + rh * dh, j * sw + rw * dw, rc].astype("int32")
+            * wp[oc // blk, rh, rw, rc, oc % blk].astype("int32"),
+            axis=[rh, rw, rc],
+        ),
+        name="conv_acc",
+    )
+    return epilogue(acc, bias, m, shift, zout, act_min, act_max)

@@ -1,0 +1,176 @@
+"""The host side of the agent protocol: a byte ``Channel`` and a ``Session`` that calls the agent.
+
+Every request carries a fresh id; a damaged or lost frame (detected by CRC, a NAK from the agent,
+or a frame cut short) is resent, and the agent answers a repeated id from its cache instead of
+running it twice. A device that stays silent raises ``DeviceTimeout`` at the deadline.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from edgekit.device.errors import DeviceConnectionError, DeviceError, DeviceTimeout
+from edgekit.device.protocol import (
+    KIND_NAK,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    ChannelClosed,
+    FrameReader,
+    FrameTimeout,
+    ProtocolError,
+    decode_message,
+    encode_frame,
+    encode_message,
+    pack_arrays,
+    unpack_arrays,
+)
+
+UPLOAD_CHUNK = 256 << 10
+
+
+class Channel:
+    """A byte stream to the agent. ``read`` returns b"" on timeout, raises ``ChannelClosed`` at the end."""
+
+    def read(self, n: int, timeout: float) -> bytes:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class Session:
+    """An open conversation with one device agent."""
+
+    def __init__(self, channel: Channel, url: str, *, timeout: float = 60.0, max_retries: int = 30):
+        self.channel = channel
+        self.url = url
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.reader = FrameReader(channel.read, gap_timeout=1.0)
+        self._next_id = random.randrange(1, 1 << 31)
+        self.retransmissions = 0
+        self.info: dict[str, Any] = {}
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def call(
+        self, op: str, blobs: list[bytes] | None = None, *, timeout: float | None = None, **fields: Any
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        """Send one request and wait for its response, resending damaged frames."""
+        timeout = self.timeout if timeout is None else timeout
+        rid = self._next_id
+        self._next_id = (self._next_id + 1) & 0x7FFFFFFF or 1
+        frame = encode_frame(KIND_REQUEST, rid, encode_message({"op": op, **fields}, blobs))
+        deadline = time.monotonic() + timeout
+        retries = 0
+        self._write(frame)
+        sent = time.monotonic()
+        resend_due = False  # one damaged frame can look like several: resend once for a burst
+        while True:
+            now = time.monotonic()
+            remaining = deadline - now
+            if remaining <= 0:
+                raise DeviceTimeout(
+                    f"{self.url}: no answer to {op!r} within {timeout:g} s; check the device is up and its agent "
+                    f"running, or raise --timeout"
+                )
+            if resend_due and now - sent >= 0.05:
+                retries += 1
+                self.retransmissions += 1
+                if retries > self.max_retries:
+                    raise DeviceConnectionError(
+                        f"{self.url}: {retries} damaged frames during {op!r}; the link is too noisy "
+                        f"(check the cable and baud rate)"
+                    )
+                self._write(frame)
+                sent, resend_due = time.monotonic(), False
+            try:
+                kind, got, payload = self.reader.read_frame(min(remaining, 0.05) if resend_due else remaining)
+            except FrameTimeout:
+                continue
+            except ChannelClosed as exc:
+                raise DeviceConnectionError(
+                    f"{self.url}: the link to the agent closed during {op!r} ({exc}); the agent died or the link "
+                    f"dropped: retry"
+                ) from exc
+            except ProtocolError:
+                resend_due = True
+                continue
+            if kind == KIND_NAK:
+                resend_due = True
+                continue
+            if kind != KIND_RESPONSE or got != rid:
+                continue  # a late answer to an earlier, resent request
+            resp, out = decode_message(payload)
+            if not resp.pop("ok", False):
+                raise DeviceError(f"{self.url}: {op} failed on the device: {resp.get('error')}")
+            return resp, out
+
+    def _write(self, frame: bytes) -> None:
+        try:
+            self.channel.write(frame)
+        except (OSError, ChannelClosed) as exc:
+            raise DeviceConnectionError(f"{self.url}: cannot write to the device link ({exc}); retry") from exc
+
+    # ---- operations -------------------------------------------------------------------
+    def hello(self, *, attempts: int = 1, timeout: float = 10.0) -> dict[str, Any]:
+        """Greet the agent; a serial line may need a few tries (opening it drops early bytes)."""
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                self.info, _ = self.call("hello", timeout=timeout)
+                return self.info
+            except DeviceTimeout as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    def probe(self) -> dict[str, Any]:
+        return self.call("probe")[0]
+
+    def has(self, sha256: str) -> bool:
+        return bool(self.call("has", sha256=sha256)[0]["present"])
+
+    def upload(self, data: bytes, sha256: str, progress: Callable[[int, int], None] | None = None) -> None:
+        """Chunked upload then commit; the agent verifies the checksum before anything is used."""
+        token = self.call("put_begin", sha256=sha256, size=len(data))[0]["token"]
+        for off in range(0, len(data), UPLOAD_CHUNK):
+            self.call("put_chunk", [data[off : off + UPLOAD_CHUNK]], token=token, offset=off)
+            if progress:
+                progress(min(off + UPLOAD_CHUNK, len(data)), len(data))
+        self.call("put_commit", token=token, timeout=max(self.timeout, 120.0))
+
+    def load(self, sha256: str, threads: int = 0) -> dict[str, Any]:
+        return self.call("load", sha256=sha256, threads=threads, timeout=max(self.timeout, 300.0))[0]
+
+    def run(self, inputs: dict[str, np.ndarray], timeout: float | None = None) -> tuple[dict[str, np.ndarray], float]:
+        blobs: list[bytes] = []
+        resp, out = self.call("run", blobs, inputs=pack_arrays(inputs, blobs), timeout=timeout)
+        return unpack_arrays(resp["outputs"], out), resp["time_ms"]
+
+    def profile(
+        self, inputs: dict[str, np.ndarray], runs: int, warmup: int, timeout: float | None = None
+    ) -> dict[str, Any]:
+        blobs: list[bytes] = []
+        desc = pack_arrays(inputs, blobs)
+        return self.call("profile", blobs, inputs=desc, runs=runs, warmup=warmup, timeout=timeout)[0]
+
+    def intermediates(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        blobs: list[bytes] = []
+        resp, out = self.call("intermediates", blobs, inputs=pack_arrays(inputs, blobs))
+        return unpack_arrays(resp["tensors"], out)

@@ -160,6 +160,8 @@ def op_pad(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
 
 def op_reshape(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
     x = env[node.inputs[0]]
+    if node.attrs["shape"] is None:
+        return x
     shape = [x.shape[0] if d is None else d for d in node.attrs["shape"]]
     return x.reshape(shape)
 

@@ -1,0 +1,351 @@
+"""Quantized Llama (``QuantLM``), its ``.ekq`` file format (``format: "edgekit.lm"``), and the integer
+reference executor with a KV cache.
+
+What is integer and what is not (per decoder layer):
+
+- every linear (q k v o gate up down, lm_head): int8 (or 16-bit where chosen) activations minus their zero
+  point, times int8/int4 per-output-channel symmetric weights, exact int32/int64 accumulation
+  (``exact_int_matmul``), int32 bias, then a per-channel dyadic rescale (``requantize``) to the next
+  static per-tensor scale;
+- attention scores q.k^T and probs.v: integer matmuls of 8-bit (or 16-bit) operands; probs.v rescaled
+  dyadically; the KV cache holds the integer k (after RoPE) and v;
+- residual adds: two dyadic rescales into the output scale (16-bit by default), as TFLite's ADD;
+- SiLU: a lookup table over the integer gate values; SiLU(gate) x up: integer product + dyadic rescale;
+- embedding lookup: int8 row, per-row dyadic rescale to the residual scale;
+- float32 steps between a dequantize and a quantize (as a QDQ runtime runs them): RMSNorm, RoPE
+  (q/k projections are dequantized from their int32 accumulators), softmax, and the final logits.
+
+Activation tensor names (per layer): attn_in q k v probs attn_out o_out res_mid mlp_in gate up silu h
+down_out res_out; and globally embed, final_in.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import ModelFormatError
+from edgekit.llm.model import LlamaConfig, apply_rope, rope_tables, silu, softmax
+from edgekit.qmodel import _write, pack_int4, unpack_int4
+from edgekit.quant.arith import exact_int_matmul, int_range, quantize_multiplier, requantize
+
+FORMAT_NAME = "edgekit.lm"
+FORMAT_VERSION = 1
+
+LAYER_ACTS = ("attn_in", "q", "k", "v", "probs", "attn_out", "o_out", "res_mid", "mlp_in", "gate", "up", "silu",
+              "h", "down_out", "res_out")
+GLOBAL_ACTS = ("embed", "final_in")
+# kept at 16 bits by default: the residual stream, the outputs added to it, softmax, the lm_head input
+DEFAULT_ACT16 = ("embed", "res_mid", "res_out", "o_out", "down_out", "probs", "final_in")
+
+
+@dataclass
+class ActQ:
+    """Static per-tensor affine quantization of an activation: real = (q - zero_point) * scale."""
+
+    scale: float
+    zero_point: int
+    bits: int
+
+    @property
+    def qmin(self) -> int:
+        return int_range(self.bits)[0]
+
+    @property
+    def qmax(self) -> int:
+        return int_range(self.bits)[1]
+
+    @staticmethod
+    def from_range(lo: float, hi: float, bits: int) -> ActQ:
+        """Affine parameters covering [lo, hi] (widened to contain 0)."""
+        lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+        qmin, qmax = int_range(bits)
+        scale = max(hi - lo, 1e-8) / (qmax - qmin)
+        zp = int(np.clip(qmin - np.round(lo / scale), qmin, qmax))
+        return ActQ(float(scale), zp, bits)
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        q = np.round(np.asarray(x, np.float64) / self.scale) + self.zero_point
+        return np.clip(q, self.qmin, self.qmax).astype(np.int32)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        return ((np.asarray(q, np.float64) - self.zero_point) * self.scale).astype(np.float32)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"scale": self.scale, "zero_point": self.zero_point, "bits": self.bits}
+
+
+@dataclass
+class QLinear:
+    """Integer weights [out, in] (symmetric, per output channel) and int32 bias."""
+
+    weight: np.ndarray
+    w_scale: np.ndarray
+    bias: np.ndarray
+    bits: int
+
+
+@dataclass
+class QuantLM:
+    """An integer Llama: quantized linears, float norm weights (applied in the float RMSNorm step),
+    static activation quantization per named tensor."""
+
+    config: LlamaConfig
+    embed: QLinear  # tied: also the lm_head
+    lm_head: QLinear | None
+    norm: np.ndarray
+    norm_bias: np.ndarray
+    layers: list[dict[str, Any]]  # linears (QLinear), attn_norm/attn_norm_bias/mlp_norm/mlp_norm_bias arrays
+    acts: list[dict[str, ActQ]]  # per layer
+    gacts: dict[str, ActQ]
+    meta: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+
+    @property
+    def head(self) -> QLinear:
+        return self.embed if self.lm_head is None else self.lm_head
+
+    # ---- file format -------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """A zip of ``model.json`` and ``.npy`` arrays (no pickle); int4 weights packed two per byte."""
+        path = Path(path)
+        arrays: list[tuple[dict[str, Any], np.ndarray]] = []
+
+        def add(name: str, a: np.ndarray, bits: int = 0) -> str:
+            entry = {"name": name, "file": f"arrays/{len(arrays):05d}.npy", "dtype": str(a.dtype),
+                     "shape": list(a.shape)}
+            if bits == 4:
+                entry["packed_int4"] = True
+                a = pack_int4(a)
+            arrays.append((entry, a))
+            return name
+
+        def lin(prefix: str, q: QLinear) -> dict[str, Any]:
+            return {"weight": add(prefix + ".weight", q.weight, q.bits), "w_scale": add(prefix + ".w_scale", q.w_scale),
+                    "bias": add(prefix + ".bias", q.bias), "bits": q.bits}
+
+        layers = []
+        for i, lw in enumerate(self.layers):
+            d: dict[str, Any] = {}
+            for k, v in lw.items():
+                d[k] = lin(f"layers.{i}.{k}", v) if isinstance(v, QLinear) else {"array": add(f"layers.{i}.{k}", v)}
+            layers.append(d)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": self.config.to_json(),
+            "embed": lin("embed", self.embed),
+            "lm_head": None if self.lm_head is None else lin("lm_head", self.lm_head),
+            "norm": add("norm", self.norm),
+            "norm_bias": add("norm_bias", self.norm_bias),
+            "layers": layers,
+            "acts": [{k: a.to_json() for k, a in la.items()} for la in self.acts],
+            "global_acts": {k: a.to_json() for k, a in self.gacts.items()},
+            "meta": self.meta,
+            "tokenizer": None if self.tokenizer is None else self.tokenizer.to_str(),
+        }
+        manifest["arrays"] = [e for e, _ in arrays]
+        tmp = path.with_name(path.name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            _write(z, "model.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+            for entry, data in arrays:
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
+                _write(z, entry["file"], buf.getvalue())
+        tmp.replace(path)
+        return path
+
+    def weight_bytes(self) -> float:
+        """Bytes of integer weights at their bit width."""
+        total = self.embed.weight.size * self.embed.bits / 8
+        if self.lm_head is not None:
+            total += self.lm_head.weight.size * self.lm_head.bits / 8
+        for lw in self.layers:
+            total += sum(v.weight.size * v.bits / 8 for v in lw.values() if isinstance(v, QLinear))
+        return total
+
+
+def load_lm(path: str | Path) -> QuantLM:
+    """Read a ``.ekq`` file written by ``QuantLM.save``."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFormatError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as z:
+            m = json.loads(z.read("model.json"))
+            if m.get("format") != FORMAT_NAME:
+                raise ModelFormatError(f"{path}: not an edgekit language model (format {m.get('format')!r})")
+            if m.get("version") != FORMAT_VERSION:
+                raise ModelFormatError(f"{path}: edgekit.lm version {m.get('version')} is not supported "
+                                       f"(this edgekit reads {FORMAT_VERSION}); re-export the model")
+            arr: dict[str, np.ndarray] = {}
+            for e in m["arrays"]:
+                a = np.load(io.BytesIO(z.read(e["file"])), allow_pickle=False)
+                if e.get("packed_int4"):
+                    a = unpack_int4(a, tuple(e["shape"]))
+                arr[e["name"]] = a.astype(e["dtype"]).reshape(e["shape"])
+    except ModelFormatError:
+        raise
+    except (zipfile.BadZipFile, KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
+        raise ModelFormatError(f"{path}: not a readable edgekit.lm file ({exc}); re-export it") from exc
+
+    def lin(d: dict[str, Any]) -> QLinear:
+        return QLinear(arr[d["weight"]], arr[d["w_scale"]], arr[d["bias"]], int(d["bits"]))
+
+    def act(d: dict[str, Any]) -> ActQ:
+        return ActQ(float(d["scale"]), int(d["zero_point"]), int(d["bits"]))
+
+    layers = [{k: lin(v) if "weight" in v else arr[v["array"]] for k, v in lw.items()} for lw in m["layers"]]
+    tok = None
+    if m.get("tokenizer"):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(m["tokenizer"])
+    return QuantLM(
+        config=LlamaConfig.from_json(m["config"]), embed=lin(m["embed"]),
+        lm_head=None if m["lm_head"] is None else lin(m["lm_head"]), norm=arr[m["norm"]], norm_bias=arr[m["norm_bias"]],
+        layers=layers, acts=[{k: act(v) for k, v in la.items()} for la in m["acts"]],
+        gacts={k: act(v) for k, v in m["global_acts"].items()}, meta=m.get("meta", {}), tokenizer=tok,
+    )
+
+
+# ---- integer reference executor ------------------------------------------------------------------------
+
+def _mult(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ms = [quantize_multiplier(float(r)) for r in np.ravel(real)]
+    return (np.array([m for m, _ in ms], np.int64).reshape(np.shape(real)),
+            np.array([s for _, s in ms], np.int64).reshape(np.shape(real)))
+
+
+def int_linear(x: np.ndarray, xq: ActQ, lin: QLinear) -> np.ndarray:
+    """int64 accumulator of (x - zp) @ W^T + bias."""
+    a = x.astype(np.int64) - xq.zero_point
+    return exact_int_matmul(a, lin.weight.T.astype(np.int64)) + lin.bias.astype(np.int64)
+
+
+def rescale_to(acc: np.ndarray, real: np.ndarray | float, out: ActQ) -> np.ndarray:
+    """Dyadic rescale of an integer accumulator into ``out``'s integer grid (clamped)."""
+    m, s = _mult(np.asarray(real, np.float64))
+    y = requantize(acc, m, s) + out.zero_point
+    return np.clip(y, out.qmin, out.qmax).astype(np.int32)
+
+
+def int_add(a: np.ndarray, aq: ActQ, b: np.ndarray, bq: ActQ, out: ActQ) -> np.ndarray:
+    """TFLite-style ADD: both inputs (minus zero points, shifted left) rescaled into the output scale."""
+    left = 30 - max(aq.bits, bq.bits) - 1
+    ma, sa = quantize_multiplier(aq.scale / out.scale / 2**left)
+    mb, sb = quantize_multiplier(bq.scale / out.scale / 2**left)
+    ya = requantize((a.astype(np.int64) - aq.zero_point) << left, ma, sa)
+    yb = requantize((b.astype(np.int64) - bq.zero_point) << left, mb, sb)
+    return np.clip(ya + yb + out.zero_point, out.qmin, out.qmax).astype(np.int32)
+
+
+def silu_table(gq: ActQ, sq: ActQ) -> np.ndarray:
+    """SiLU as a lookup table from every integer gate value to the integer SiLU output."""
+    codes = np.arange(gq.qmin, gq.qmax + 1)
+    return sq.quantize(silu(gq.dequantize(codes).astype(np.float64)))
+
+
+class KVCache:
+    """Integer k (after RoPE) and v per layer, [kv_heads, T, head_dim]."""
+
+    def __init__(self, layers: int):
+        self.k: list[np.ndarray | None] = [None] * layers
+        self.v: list[np.ndarray | None] = [None] * layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else int(self.k[0].shape[1])
+
+
+def _rms(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    x = x.astype(np.float32)
+    return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w + b
+
+
+def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, logits: bool = True,
+                trace: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Run token ids (one sequence) through the integer model; with ``cache`` the ids continue it.
+    Returns float logits [T, V] (dequantized from int32 accumulators) or the integer final_in."""
+    c = qm.config
+    ids = np.asarray(ids, dtype=np.int64)
+    t = len(ids)
+    start = 0 if cache is None else cache.length
+    g = qm.gacts
+    # embedding: int8 row times its per-row scale, dyadically rescaled to the residual scale
+    e = qm.embed
+    x = rescale_to(e.weight[ids].astype(np.int64), (e.w_scale[ids] / g["embed"].scale)[:, None], g["embed"])
+    xq = g["embed"]
+    cos, sin = rope_tables(c.head_dim, np.arange(start, start + t), c.rope_theta)
+    grp = c.heads // c.kv_heads
+    for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
+        h = a["attn_in"].quantize(_rms(xq.dequantize(x), lw["attn_norm"], lw["attn_norm_bias"], c.rms_eps))
+        qacc = int_linear(h, a["attn_in"], lw["q"])
+        kacc = int_linear(h, a["attn_in"], lw["k"])
+        q = (qacc * (a["attn_in"].scale * lw["q"].w_scale)).astype(np.float32)
+        k = (kacc * (a["attn_in"].scale * lw["k"].w_scale)).astype(np.float32)
+        q = a["q"].quantize(apply_rope(q.reshape(t, c.heads, c.head_dim).transpose(1, 0, 2), cos, sin))
+        k = a["k"].quantize(apply_rope(k.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2), cos, sin))
+        v = rescale_to(int_linear(h, a["attn_in"], lw["v"]), a["attn_in"].scale * lw["v"].w_scale / a["v"].scale,
+                       a["v"])
+        v = v.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2)
+        if cache is not None:
+            if cache.k[i] is not None:
+                k = np.concatenate([cache.k[i], k], axis=1)
+                v = np.concatenate([cache.v[i], v], axis=1)
+            cache.k[i], cache.v[i] = k, v
+        tk = k.shape[1]
+        kk = np.repeat(k.astype(np.int64) - a["k"].zero_point, grp, axis=0)
+        vv = np.repeat(v.astype(np.int64) - a["v"].zero_point, grp, axis=0)
+        sc = exact_int_matmul(q.astype(np.int64) - a["q"].zero_point, kk.transpose(0, 2, 1))
+        scores = sc.astype(np.float64) * (a["q"].scale * a["k"].scale / np.sqrt(c.head_dim))
+        mask = np.arange(tk)[None, :] > (start + np.arange(t))[:, None]
+        scores = np.where(mask[None], -np.inf, scores)
+        p = a["probs"].quantize(softmax(scores))
+        pv = exact_int_matmul(p.astype(np.int64) - a["probs"].zero_point, vv)  # [heads, t, d]
+        pv = pv.transpose(1, 0, 2).reshape(t, c.hidden)
+        att = rescale_to(pv, a["probs"].scale * a["v"].scale / a["attn_out"].scale, a["attn_out"])
+        o = rescale_to(int_linear(att, a["attn_out"], lw["o"]),
+                       a["attn_out"].scale * lw["o"].w_scale / a["o_out"].scale, a["o_out"])
+        x = int_add(x, xq, o, a["o_out"], a["res_mid"])
+        xq = a["res_mid"]
+        h = a["mlp_in"].quantize(_rms(xq.dequantize(x), lw["mlp_norm"], lw["mlp_norm_bias"], c.rms_eps))
+        gt = rescale_to(int_linear(h, a["mlp_in"], lw["gate"]),
+                        a["mlp_in"].scale * lw["gate"].w_scale / a["gate"].scale, a["gate"])
+        up = rescale_to(int_linear(h, a["mlp_in"], lw["up"]),
+                        a["mlp_in"].scale * lw["up"].w_scale / a["up"].scale, a["up"])
+        sl = silu_table(a["gate"], a["silu"])[gt - a["gate"].qmin]
+        prod = (sl.astype(np.int64) - a["silu"].zero_point) * (up.astype(np.int64) - a["up"].zero_point)
+        hh = rescale_to(prod, a["silu"].scale * a["up"].scale / a["h"].scale, a["h"])
+        d = rescale_to(int_linear(hh, a["h"], lw["down"]),
+                       a["h"].scale * lw["down"].w_scale / a["down_out"].scale, a["down_out"])
+        x = int_add(x, xq, d, a["down_out"], a["res_out"])
+        xq = a["res_out"]
+        if trace is not None:
+            trace[f"layer{i}"] = xq.dequantize(x)
+    f = g["final_in"].quantize(_rms(xq.dequantize(x), qm.norm, qm.norm_bias, c.rms_eps))
+    if not logits:
+        return f
+    acc = int_linear(f, g["final_in"], qm.head)
+    return (acc * (g["final_in"].scale * qm.head.w_scale)).astype(np.float32)
+
+
+def generate(model: QuantLM, prompt_ids: list[int] | np.ndarray, max_new_tokens: int,
+             eos_token_id: int | None = None) -> list[int]:
+    """Greedy generation with an integer KV cache: the prompt in one pass, then one token per step."""
+    cache = KVCache(model.config.layers)
+    out: list[int] = []
+    lg = int_forward(model, np.asarray(prompt_ids), cache)
+    for _ in range(max_new_tokens):
+        nxt = int(np.argmax(lg[-1]))
+        out.append(nxt)
+        if eos_token_id is not None and nxt == eos_token_id:
+            break
+        lg = int_forward(model, np.array([nxt]), cache)
+    return out

@@ -87,7 +87,8 @@ def pack_weight_oblock(weight: np.ndarray, block: int) -> np.ndarray:
 
 
 def conv2d_nhwc_packed(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *,
-                       out_channels: int, strides, dilations, pads, zin: int, zout: int, act_min: int, act_max: int) -> te.Tensor:
+                       out_channels: int, strides, dilations, pads, zin: int, zout: int, act_min: int,
+                       act_max: int) -> te.Tensor:
     """conv2d (groups == 1) over weights packed by ``pack_weight_oblock``: the innermost axis is
     ``b`` consecutive output channels, so the reduction vectorizes over output channels."""
     n, h, wd, c = (int(d) for d in x.shape)

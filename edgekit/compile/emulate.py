@@ -1,0 +1,106 @@
+"""Running aarch64 artifacts on this x86 machine: a tiny C++ runner (``runner.cc``) linked
+against the aarch64 ``libtvm_runtime.so`` (from the aarch64 apache-tvm wheel, cached by
+``tools/setup.d/40-tvm.sh``), executed under qemu-user with an explicit ``QEMU_CPU``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+
+CACHE = Path(os.environ.get("EDGEKIT_CACHE", str(Path.home() / ".cache" / "edgekit")))
+A64 = CACHE / "tvm-aarch64"
+HERE = Path(__file__).resolve().parent
+
+
+class EmulationUnavailable(EdgekitError):
+    """qemu-user, the aarch64 compiler or the aarch64 TVM runtime is missing."""
+
+
+def _host_include_dirs() -> list[str]:
+    import tvm
+    import tvm_ffi
+
+    return [str(Path(tvm.__file__).parent / "include"), str(Path(tvm_ffi.__file__).parent / "include")]
+
+
+def qemu_binary() -> str:
+    for name in ("qemu-aarch64-static", "qemu-aarch64"):
+        p = shutil.which(name)
+        if p:
+            return p
+    raise EmulationUnavailable("qemu-user is not installed: apt-get install qemu-user-static (tools/setup.d/40-tvm.sh)")
+
+
+def runtime_dir() -> Path:
+    lib = A64 / "lib"
+    if not (lib / "libtvm_runtime.so").is_file():
+        raise EmulationUnavailable(f"no aarch64 TVM runtime in {lib}: run tools/setup.d/40-tvm.sh")
+    return lib
+
+
+def available() -> bool:
+    try:
+        qemu_binary()
+        runtime_dir()
+    except EmulationUnavailable:
+        return False
+    return shutil.which("aarch64-linux-gnu-g++") is not None
+
+
+def runner_binary() -> Path:
+    """Build (once, cached on the source's content) the aarch64 runner."""
+    lib = runtime_dir()
+    src = HERE / "runner.cc"
+    import hashlib
+
+    tag = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+    out = A64 / f"ek_runner-{tag}"
+    if out.is_file():
+        return out
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        raise EmulationUnavailable("aarch64-linux-gnu-g++ is missing: apt-get install g++-aarch64-linux-gnu")
+    inc = sum((["-I", d] for d in _host_include_dirs()), [])
+    tmp = out.with_name(out.name + ".tmp")
+    cmd = [cxx, "-std=c++17", "-O2", *inc, str(src), "-o", str(tmp), "-L", str(lib), "-ltvm_runtime", "-ltvm_ffi",
+           f"-Wl,-rpath,{lib}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise EmulationUnavailable(f"building the aarch64 runner failed:\n{r.stderr[-2000:]}")
+    tmp.replace(out)
+    return out
+
+
+def run_aarch64(lib_path: str | Path, x: np.ndarray, out_shapes: list[list[int]], qemu_cpu: str,
+                repeats: int = 0, timeout: float = 300.0) -> tuple[list[np.ndarray], float | None]:
+    """Run a compiled aarch64 library on ``x`` under qemu-user; returns (outputs, median us or None)."""
+    if not qemu_cpu:
+        raise EmulationUnavailable("no qemu CPU model given: the target's [device] qemu_cpu must name one")
+    runner = runner_binary()
+    env = dict(os.environ, QEMU_CPU=qemu_cpu, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu")
+    with tempfile.TemporaryDirectory(prefix="ek-qemu-") as td:
+        fin, fout = Path(td) / "in.bin", Path(td) / "out.bin"
+        np.ascontiguousarray(x, dtype=np.int8).tofile(fin)
+        cmd = [qemu_binary(), str(runner), str(Path(lib_path).resolve()), str(fin), str(fout), str(x.ndim),
+               *map(str, x.shape), str(repeats)]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        if r.returncode != 0:
+            raise EdgekitError(f"the aarch64 run under qemu ({qemu_cpu}) failed: {r.stderr[-1500:]}")
+        data = np.fromfile(fout, dtype=np.int8)
+    outs, off = [], 0
+    for shp in out_shapes:
+        n = int(np.prod(shp))
+        outs.append(data[off : off + n].reshape(shp))
+        off += n
+    median = None
+    for line in r.stdout.splitlines():
+        if line.startswith("median_us"):
+            median = float(line.split()[1])
+    return outs, median

@@ -58,24 +58,40 @@ def build_library(lowered: Lowered, spec: TargetSpec, so_path: Path, mod=None) -
         raise CompileError(f"linking the library with {compiler or 'the default compiler'} failed: {exc}") from exc
 
 
+def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
+    """Float model input -> the int8 tensor the compiled function takes (the graph's quantize op,
+    run on the host as the reference executor does)."""
+    from edgekit.reference import op_quantize
+
+    name = qm.inputs[0]
+    node = next((n for n in qm.nodes if n.op == "quantize" and n.inputs[0] == name), None)
+    if node is None or np.asarray(x).dtype == np.int8:
+        return np.asarray(x, dtype=np.int8)
+    return op_quantize(qm, node, {name: np.asarray(x, dtype=np.float32)})
+
+
 def sample_inputs(lowered: Lowered, n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(-128, 128, size=lowered.inputs[0]["shape"]).astype(np.int8) for _ in range(n)]
 
 
-def run_library(so_path: Path, spec: TargetSpec, x: np.ndarray, out_shapes: list[list[int]]) -> list[np.ndarray]:
-    """Run a compiled library on one int8 input: in-process on the host, under qemu for aarch64."""
+def run_library(so_path: Path, spec: TargetSpec, xs: list[np.ndarray],
+                out_shapes: list[list[int]]) -> list[list[np.ndarray]]:
+    """Run a compiled library on int8 inputs: in-process on the host, under qemu-user for aarch64.
+    Returns, per input, the list of int8 outputs."""
     if spec.arch == platform.machine() or (spec.arch == "x86_64" and platform.machine() == "AMD64"):
         import tvm
         from tvm import relax
 
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(so_path)), tvm.cpu())
-        r = vm["main"](tvm.runtime.tensor(x))
-        items = [r] if hasattr(r, "numpy") else list(r)
-        return [t.numpy() for t in items]
+        res = []
+        for x in xs:
+            r = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x)))
+            items = [r] if hasattr(r, "numpy") else list(r)
+            res.append([t.numpy() for t in items])
+        return res
     if spec.arch == "aarch64":
-        outs, _ = emulate.run_aarch64(so_path, x, out_shapes, spec.qemu_cpu)
-        return outs
+        return emulate.run_aarch64(so_path, xs, out_shapes, spec.qemu_cpu)[0]
     raise emulate.EmulationUnavailable(f"cannot run {spec.arch} code on this {platform.machine()} machine")
 
 
@@ -92,8 +108,7 @@ def verify_library(so_path: Path, spec: TargetSpec, qm: QuantModel, lowered: Low
     """Compare the compiled library with the reference executor on ``inputs`` (int8)."""
     out_shapes = [o["shape"] for o in lowered.outputs]
     mism, total = 0, 0
-    for x in inputs:
-        got = run_library(so_path, spec, x, out_shapes)
+    for x, got in zip(inputs, run_library(so_path, spec, inputs, out_shapes), strict=True):
         ref = qm.run(x, integer=True)
         for o, g in zip(qm.outputs, got, strict=True):
             mism += int((np.asarray(g) != ref[o.name]).sum())

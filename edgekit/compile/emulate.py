@@ -78,29 +78,36 @@ def runner_binary() -> Path:
     return out
 
 
-def run_aarch64(lib_path: str | Path, x: np.ndarray, out_shapes: list[list[int]], qemu_cpu: str,
-                repeats: int = 0, timeout: float = 300.0) -> tuple[list[np.ndarray], float | None]:
-    """Run a compiled aarch64 library on ``x`` under qemu-user; returns (outputs, median us or None)."""
+def run_aarch64(lib_path: str | Path, xs: list[np.ndarray], out_shapes: list[list[int]], qemu_cpu: str,
+                repeats: int = 0, timeout: float = 600.0) -> tuple[list[list[np.ndarray]], float | None]:
+    """Run a compiled aarch64 library on each int8 input of ``xs`` (one qemu process for all);
+    returns (per input, the list of outputs; median microseconds of ``repeats`` timed runs or None)."""
     if not qemu_cpu:
         raise EmulationUnavailable("no qemu CPU model given: the target's [device] qemu_cpu must name one")
+    if not xs:
+        return [], None
     runner = runner_binary()
     env = dict(os.environ, QEMU_CPU=qemu_cpu, QEMU_LD_PREFIX="/usr/aarch64-linux-gnu")
+    shape = xs[0].shape
     with tempfile.TemporaryDirectory(prefix="ek-qemu-") as td:
         fin, fout = Path(td) / "in.bin", Path(td) / "out.bin"
-        np.ascontiguousarray(x, dtype=np.int8).tofile(fin)
-        cmd = [qemu_binary(), str(runner), str(Path(lib_path).resolve()), str(fin), str(fout), str(x.ndim),
-               *map(str, x.shape), str(repeats)]
+        np.ascontiguousarray(np.stack(xs), dtype=np.int8).tofile(fin)
+        cmd = [qemu_binary(), str(runner), str(Path(lib_path).resolve()), str(fin), str(fout), str(len(shape)),
+               *map(str, shape), str(repeats)]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         if r.returncode != 0:
             raise EdgekitError(f"the aarch64 run under qemu ({qemu_cpu}) failed: {r.stderr[-1500:]}")
         data = np.fromfile(fout, dtype=np.int8)
-    outs, off = [], 0
-    for shp in out_shapes:
-        n = int(np.prod(shp))
-        outs.append(data[off : off + n].reshape(shp))
-        off += n
+    results, off = [], 0
+    for _ in xs:
+        outs = []
+        for shp in out_shapes:
+            n = int(np.prod(shp))
+            outs.append(data[off : off + n].reshape(shp))
+            off += n
+        results.append(outs)
     median = None
     for line in r.stdout.splitlines():
         if line.startswith("median_us"):
             median = float(line.split()[1])
-    return outs, median
+    return results, median

@@ -3,8 +3,8 @@
 //
 //   ek_runner MODEL.so INPUT.bin OUTPUT.bin NDIM D0 D1 ... [REPEATS]
 //
-// INPUT.bin holds the int8 input tensor (row-major); OUTPUT.bin receives every output tensor's
-// bytes, one after another. Prints one line per output ("output <i> <dtype-bits> <shape...>")
+// INPUT.bin holds one or more int8 input tensors (row-major, back to back); for each, OUTPUT.bin
+// receives every output tensor's bytes, one after another. Prints one line per output ("output <i> <dtype-bits> <shape...>")
 // and, with REPEATS > 0, "median_us <t>" over that many timed runs.
 #include <tvm/ffi/container/array.h>
 #include <tvm/ffi/container/tensor.h>
@@ -55,30 +55,31 @@ int main(int argc, char** argv) {
   DLDataType i8{kDLInt, 8, 1};
   Tensor x = Tensor::FromNDAlloc(CPUAlloc(), tvm::ffi::Shape(shape), i8, DLDevice{kDLCPU, 0});
   size_t in_bytes = tvm::ffi::GetDataSize(*x.GetDLTensorPtr());
-  if (buf.size() != in_bytes) {
-    std::fprintf(stderr, "input file has %zu bytes, the tensor needs %zu\n", buf.size(), in_bytes);
+  if (in_bytes == 0 || buf.size() % in_bytes != 0) {
+    std::fprintf(stderr, "input file has %zu bytes, not a multiple of the tensor's %zu\n", buf.size(), in_bytes);
     return 2;
   }
-  std::memcpy(x.data_ptr(), buf.data(), in_bytes);
-
-  tvm::ffi::Any r = entry(x);
-  std::vector<Tensor> outs;
-  if (auto t = r.try_cast<Tensor>()) {
-    outs.push_back(*t);
-  } else {
-    for (const tvm::ffi::Any& a : r.cast<tvm::ffi::Array<tvm::ffi::Any>>()) outs.push_back(a.cast<Tensor>());
-  }
   std::ofstream fout(argv[3], std::ios::binary);
-  for (size_t i = 0; i < outs.size(); ++i) {
-    const DLTensor* t = outs[i].GetDLTensorPtr();
-    size_t n = 1;
-    std::printf("output %zu %d", i, t->dtype.bits);
-    for (int d = 0; d < t->ndim; ++d) {
-      n *= t->shape[d];
-      std::printf(" %lld", static_cast<long long>(t->shape[d]));
+  for (size_t k = 0; k < buf.size() / in_bytes; ++k) {
+    std::memcpy(x.data_ptr(), buf.data() + k * in_bytes, in_bytes);
+    tvm::ffi::Any r = entry(x);
+    std::vector<Tensor> outs;
+    if (auto t = r.try_cast<Tensor>()) {
+      outs.push_back(*t);
+    } else {
+      for (const tvm::ffi::Any& a : r.cast<tvm::ffi::Array<tvm::ffi::Any>>()) outs.push_back(a.cast<Tensor>());
     }
-    std::printf("\n");
-    fout.write(static_cast<const char*>(t->data) + t->byte_offset, n * ((t->dtype.bits + 7) / 8));
+    for (size_t i = 0; i < outs.size(); ++i) {
+      const DLTensor* t = outs[i].GetDLTensorPtr();
+      size_t n = 1;
+      if (k == 0) std::printf("output %zu %d", i, t->dtype.bits);
+      for (int d = 0; d < t->ndim; ++d) {
+        n *= t->shape[d];
+        if (k == 0) std::printf(" %lld", static_cast<long long>(t->shape[d]));
+      }
+      if (k == 0) std::printf("\n");
+      fout.write(static_cast<const char*>(t->data) + t->byte_offset, n * ((t->dtype.bits + 7) / 8));
+    }
   }
   if (repeats > 0) {
     std::vector<double> us;

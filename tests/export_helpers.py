@@ -193,3 +193,4 @@ def tiny_resnet(seed: int = 0, bits: int = 8) -> QuantModel:
 def random_input(qm: QuantModel, n: int, seed: int = 1) -> np.ndarray:
     shape = [n if d is None else d for d in qm.tensors[qm.inputs[0]].shape]
     return np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float32)
+

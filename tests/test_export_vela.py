@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from export_helpers import Builder, tiny_resnet
 
 from edgekit.export.vela import VelaError, compile_for_ethos_u, export_vela
+from tests.export_helpers import Builder, tiny_resnet
 
 pytestmark = pytest.mark.skipif(shutil.which("vela") is None, reason="ethos-u-vela is not installed")
 

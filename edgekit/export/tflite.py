@@ -61,9 +61,9 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------
 
 def tfl_conv_multiplier(in_s: float, w_s: float, out_s: float) -> tuple[int, int]:
-    """Per-channel CONV_2D/DEPTHWISE/FULLY_CONNECTED: double(float(in*w)) / double(out)."""
-    prod = np.float32(np.float32(in_s) * np.float32(w_s))
-    return quantize_multiplier(float(prod) / float(np.float32(out_s)))
+    """Per-channel CONV_2D/DEPTHWISE/FULLY_CONNECTED (PopulateConvolutionQuantizationParams):
+    double(in) * double(w) / double(out), each a float32 scale."""
+    return quantize_multiplier(float(np.float32(in_s)) * float(np.float32(w_s)) / float(np.float32(out_s)))
 
 
 def tfl_add_params(sa: float, sb: float, so: float, left_shift: int = 20) -> dict[str, int]:
@@ -87,10 +87,16 @@ def tfl_requant_multiplier(si: float, so: float) -> tuple[int, int]:
     return quantize_multiplier(float(np.float32(si)) / float(np.float32(so)))
 
 
-def solve_weight_scale(m: int, shift: int, in_s: float, out_s: float) -> np.float32:
-    """A float32 weight scale from which TFLite derives exactly (m, shift), or raise."""
+def solve_weight_scale(m: int, shift: int, in_s: float, out_s: float, hint: float | None = None) -> np.float32:
+    """A float32 weight scale from which TFLite derives exactly (m, shift), or raise.
+
+    ``hint`` (the quantizer's own weight scale) is used when it derives (m, shift); else the
+    float32 neighbourhood of m * 2**(shift - 31) * out / in is searched.
+    """
     if m == 0:
         return np.float32(0.0)
+    if hint is not None and tfl_conv_multiplier(in_s, hint, out_s) == (m, shift):
+        return np.float32(hint)
     real = m * 2.0 ** (shift - 31)
     guess = np.float32(real * float(np.float32(out_s)) / float(np.float32(in_s)))
     up = down = guess
@@ -296,6 +302,13 @@ def _same_pads(in_hw: tuple[int, int], kernel: tuple[int, int], strides, dilatio
     return [out[0][0], out[1][0], out[0][1], out[1][1]]
 
 
+def _weight_scales(node: QNode, mult: np.ndarray, shift: np.ndarray, in_s: float, out_s: float) -> np.ndarray:
+    hints = node.attrs.get("weight_scale")
+    hints = [None] * len(mult) if hints is None else list(np.broadcast_to(np.asarray(hints, np.float64), (len(mult),)))
+    return np.array([solve_weight_scale(int(m), int(s), in_s, out_s, h)
+                     for m, s, h in zip(mult, shift, hints, strict=True)], dtype=np.float32)
+
+
 class _Exporter:
     def __init__(self, qm: QuantModel, *, batch: int | None, float_input: bool, float_outputs: bool):
         self.qm = qm
@@ -467,8 +480,7 @@ class _Exporter:
         mult = np.broadcast_to(mult, (o,))
         shift = np.broadcast_to(shift, (o,))
         in_s, out_s = self.scale(x), self.scale(out)
-        w_s = np.array([solve_weight_scale(int(m), int(s), in_s, out_s) for m, s in zip(mult, shift, strict=True)],
-                       dtype=np.float32)
+        w_s = _weight_scales(node, mult, shift, in_s, out_s)
         b_s = (w_s * np.float32(in_s)).astype(np.float32)
         t_in = self.act(x, shapes[x])
         in_shape = shapes[x]
@@ -521,8 +533,7 @@ class _Exporter:
         mult = np.broadcast_to(np.asarray(qm.constants[node.params["multiplier"]]).reshape(-1), (o,))
         shift = np.broadcast_to(np.asarray(qm.constants[node.params["shift"]]).reshape(-1), (o,))
         in_s, out_s = self.scale(x), self.scale(out)
-        w_s = np.array([solve_weight_scale(int(m), int(s), in_s, out_s) for m, s in zip(mult, shift, strict=True)],
-                       dtype=np.float32)
+        w_s = _weight_scales(node, mult, shift, in_s, out_s)
         b_s = (w_s * np.float32(in_s)).astype(np.float32)
         if len(shapes[x]) != 2:
             raise UnsupportedOpsError([(f"dense(rank {len(shapes[x])} input)", node.name)], context=CONTEXT)

@@ -179,13 +179,30 @@ class TVMModel(LoadedModel):
         self.dev = tvm.cpu()
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.dev)
         self.entry = (manifest.get("extra") or {}).get("entry", "main")
+        self.batch = int((manifest.get("extra") or {}).get("batch", 0) or 0)
         self.output_names = [o["name"] for o in manifest.get("outputs", [])] or ["output"]
 
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return run_in_batches(self._run_once, inputs, self.batch)
+
+    def _run_once(self, inputs: dict[str, Any]) -> dict[str, Any]:
         args = [self.tvm.runtime.tensor(v, self.dev) for v in inputs.values()]
         res = self.vm[self.entry](*args)
         results = list(res) if not hasattr(res, "numpy") else [res]
         return {name: r.numpy() for name, r in zip(self.output_names, results, strict=False)}
+
+
+def run_in_batches(run_once, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Run a library compiled for a static batch over a larger one, ``batch`` samples at a time."""
+    import numpy as np
+
+    n = next(iter(inputs.values())).shape[0]
+    if not batch or n == batch:
+        return run_once(inputs)
+    if n % batch:
+        raise AgentError(f"the library was compiled for batch {batch}; {n} samples do not divide into it")
+    parts = [run_once({k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 RUNTIMES = {"reference": ReferenceModel, "tflite": TFLiteModel, "onnxruntime": OnnxModel, "tvm": TVMModel}

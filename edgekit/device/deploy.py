@@ -51,7 +51,7 @@ def deploy(
     sha, manifest = artifact_identity(artifact)
     data = Path(artifact).read_bytes()
     if not force and session.has(sha):
-        session.call("activate", sha256=sha)
+        session.activate(sha)
         return DeployResult(sha, manifest["runtime"], False, 0, time.monotonic() - t0)
     session.upload(data, sha, progress)
     return DeployResult(sha, manifest["runtime"], True, len(data), time.monotonic() - t0)

@@ -76,7 +76,7 @@ def profile(
         "load_ms": loaded["load_ms"],
         "warmup_ms": raw["warmup_ms"],
         **latency_stats(raw["latencies_ms"]),
-        "peak_memory_mib": raw["peak_rss_kib"] / 1024,
+        "peak_memory_mib": raw["peak_rss_kib"] / 1024 if raw.get("peak_rss_kib") is not None else None,
         "model_memory_mib": max(0, loaded["rss_after_kib"] - loaded["rss_before_kib"]) / 1024,
         "layers": [{"name": k, "ms": v} for k, v in raw["layers_ms"].items()],
         "latencies_ms": raw["latencies_ms"],
@@ -107,7 +107,7 @@ def render_table(reports: list[dict[str, Any]]) -> str:
         ("peak memory", "peak_memory_mib", "{:.1f} MiB"),
     ]
     for label, key, fmt in rows:
-        table.add_row(label, *(fmt.format(r[key]) for r in reports))
+        table.add_row(label, *("n/a" if r.get(key) is None else fmt.format(r[key]) for r in reports))
     console = Console(record=True, width=120)
     with console.capture() as cap:
         console.print(table)

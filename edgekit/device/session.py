@@ -146,6 +146,10 @@ class Session:
     def has(self, sha256: str) -> bool:
         return bool(self.call("has", sha256=sha256)[0]["present"])
 
+    def activate(self, sha256: str) -> None:
+        """Make a cached artifact the device's ``current`` one."""
+        self.call("activate", sha256=sha256)
+
     def upload(self, data: bytes, sha256: str, progress: Callable[[int, int], None] | None = None) -> None:
         """Chunked upload then commit; the agent verifies the checksum before anything is used."""
         token = self.call("put_begin", sha256=sha256, size=len(data))[0]["token"]

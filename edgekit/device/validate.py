@@ -88,6 +88,19 @@ def _as_integer(qm: QuantModel, name: str, y: np.ndarray) -> np.ndarray:
     return np.round(y.astype(np.float64) / info.scale).astype(np.int64) + int(info.zero_point or 0)
 
 
+def device_input(qm: QuantModel, manifest: dict[str, Any], x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The input the artifact takes: the graph's own quantize step run on the host when the
+    artifact expects quantized input (``extra.input_quantized``), else ``x`` in the manifest's dtype."""
+    if (manifest.get("extra") or {}).get("input_quantized") and x.dtype != np.int8:
+        from edgekit.reference import op_quantize
+
+        name = qm.inputs[0]
+        node = next((n for n in qm.nodes if n.op == "quantize" and n.inputs[0] == name), None)
+        if node is not None:
+            return op_quantize(qm, node, {name: np.asarray(x, dtype=np.float32)})
+    return x.astype(dtype)
+
+
 def first_divergent_layer(qm: QuantModel, device: dict[str, np.ndarray], host: dict[str, np.ndarray]) -> dict | None:
     """The first node (topological order) whose output differs between device and host."""
     for node in qm.nodes:
@@ -146,7 +159,8 @@ def validate(
     sig, noise, cos_num, cos_a, cos_b = 0.0, 0.0, 0.0, 0.0, 0.0
     first_fail: int | None = None
     for start in range(0, n, batch):
-        xb = x[start : start + batch].astype(in_dtype)
+        xf = x[start : start + batch].astype(np.float32)
+        xb = device_input(qm, manifest, x[start : start + batch], in_dtype)
         outs, _ = session.run({in_name: xb})
         dev_list = [outs[k] if k in outs else list(outs.values())[i] for i, k in enumerate(dev_names)]
         host = qm.run({host_name: xb}, integer=True)
@@ -167,7 +181,7 @@ def validate(
         host_top1.append(epilogue(qm, main, host[main]).reshape(len(xb), -1).argmax(1))
         if fsess is not None:
             fin = fsess.get_inputs()[0].name
-            fout = fsess.run(None, {fin: xb.astype(np.float32)})[0].reshape(len(xb), -1).astype(np.float64)
+            fout = fsess.run(None, {fin: xf})[0].reshape(len(xb), -1).astype(np.float64)
             dq = dev_float.reshape(len(xb), -1).astype(np.float64)
             float_top1.append(fout.argmax(1))
             sig += float((fout**2).sum())
@@ -203,7 +217,7 @@ def validate(
         report["top1"] = float((dev_pred == y).mean())
     report["first_mismatch"] = None
     if first_fail is not None:
-        x1 = x[first_fail : first_fail + 1].astype(in_dtype)
+        x1 = device_input(qm, manifest, x[first_fail : first_fail + 1], in_dtype)
         report["first_mismatch"] = locate_mismatch(session, qm, manifest, x1, in_name, host_name, first_fail)
     report["seconds"] = time.monotonic() - t0
     return report

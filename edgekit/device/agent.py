@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgekit.artifact import read_manifest, sha256_file, unpack_artifact
+from edgekit.artifact import ArtifactError, read_manifest, sha256_file
 from edgekit.device.protocol import (
     KIND_NAK,
     KIND_REQUEST,
@@ -58,6 +58,33 @@ RUNTIME_MODULES = {
 
 class AgentError(Exception):
     """An error reported back to the host as ``{"ok": false, "error": ...}``."""
+
+
+def unpack_checked(path: Path, dest: Path) -> dict[str, Any]:
+    """Extract an artifact's listed regular files one by one and verify each checksum.
+
+    (Not ``tarfile.extractall(filter=...)``: Debian bookworm's Python 3.11.2 predates it.)
+    """
+    import tarfile
+
+    manifest = read_manifest(path)
+    names = set(manifest["files"])
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            if member.name == "manifest.json":
+                continue
+            if member.name not in names or not member.isfile() or member.name.startswith("/") or ".." in member.name:
+                raise ArtifactError(f"{path}: unexpected member {member.name!r}")
+            target = dest / member.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = tar.extractfile(member)
+            assert src is not None
+            with open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+    for name, digest in manifest["files"].items():
+        if not (dest / name).is_file() or sha256_file(dest / name) != digest:
+            raise ArtifactError(f"{path}: checksum mismatch for {name}; the artifact is corrupt, rebuild it")
+    return manifest
 
 
 def peak_rss_kib() -> int:
@@ -336,9 +363,9 @@ class Agent:
                     shutil.rmtree(staging, ignore_errors=True)
                     staging.mkdir()
                     os.replace(tmp, staging / "artifact.tar")
-                    unpack_artifact(staging / "artifact.tar", staging / "files")
+                    manifest = unpack_checked(staging / "artifact.tar", staging / "files")
                     # manifest.json last: its presence marks a complete entry
-                    (staging / "manifest.json").write_text(json.dumps(read_manifest(staging / "artifact.tar")))
+                    (staging / "manifest.json").write_text(json.dumps(manifest))
                     shutil.rmtree(entry, ignore_errors=True)
                     os.replace(staging, entry)
                 self._point_current(sha)

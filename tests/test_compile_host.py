@@ -72,7 +72,8 @@ def test_artifact_manifest_and_int4_weight_bytes(tmp_path):
     _, vm = _load_vm(r4.path, tmp_path / "v4")
     x = np.random.default_rng(3).integers(-128, 128, size=(1, 32, 32, 3)).astype(np.int8)
     q4 = load_qm(tmp_path / "u4" / "reference.ekq")
-    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), q4.run(x, integer=True)[q4.outputs[0].name])
+    ref = q4.run(x, integer=True)[q4.outputs[0].name]
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ref)
 
 
 def test_builtin_targets_and_user_targets_dir(tmp_path, monkeypatch):

@@ -50,7 +50,7 @@ def build_library(lowered: Lowered, spec: TargetSpec, so_path: Path, mod=None) -
     except Exception as exc:  # TVM raises its own error types
         raise CompileError(f"TVM could not compile the model for {spec.name}: {exc}") from exc
     compiler = spec.compiler()
-    flags = [str(f) for f in spec.toolchain.get("link_flags", [])]
+    flags = ["-s", *[str(f) for f in spec.toolchain.get("link_flags", [])]]  # -s: no debug info in the artifact
     fcompile = tcc.cross_compiler(compiler, options=flags) if compiler else None
     try:
         ex.export_library(str(so_path), fcompile=fcompile)

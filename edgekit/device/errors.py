@@ -17,6 +17,10 @@ class DeviceConnectionError(DeviceError):
     """The link to the device could not be opened or was lost."""
 
 
+class NoisyLinkError(DeviceConnectionError):
+    """Too many damaged frames in a row: the link corrupts more than the protocol can mend."""
+
+
 class DeviceTimeout(DeviceError):
     """The device did not answer in time."""
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.device.errors import DeviceConnectionError, DeviceError, DeviceTimeout
+from edgekit.device.errors import DeviceConnectionError, DeviceError, DeviceTimeout, NoisyLinkError
 from edgekit.device.protocol import (
     KIND_NAK,
     KIND_REQUEST,
@@ -31,6 +31,7 @@ from edgekit.device.protocol import (
 )
 
 UPLOAD_CHUNK = 256 << 10
+MIN_CHUNK = 512
 
 
 class Channel:
@@ -49,7 +50,15 @@ class Channel:
 class Session:
     """An open conversation with one device agent."""
 
-    def __init__(self, channel: Channel, url: str, *, timeout: float = 60.0, max_retries: int = 30):
+    def __init__(
+        self,
+        channel: Channel,
+        url: str,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 30,
+        chunk_size: int = UPLOAD_CHUNK,
+    ):
         self.channel = channel
         self.url = url
         self.timeout = timeout
@@ -57,6 +66,7 @@ class Session:
         self.reader = FrameReader(channel.read, gap_timeout=1.0)
         self._next_id = random.randrange(1, 1 << 31)
         self.retransmissions = 0
+        self.chunk_size = chunk_size
         self.info: dict[str, Any] = {}
 
     def __enter__(self) -> Session:
@@ -69,7 +79,13 @@ class Session:
         self.channel.close()
 
     def call(
-        self, op: str, blobs: list[bytes] | None = None, *, timeout: float | None = None, **fields: Any
+        self,
+        op: str,
+        blobs: list[bytes] | None = None,
+        *,
+        timeout: float | None = None,
+        max_retries: int | None = None,
+        **fields: Any,
     ) -> tuple[dict[str, Any], list[bytes]]:
         """Send one request and wait for its response, resending damaged frames."""
         timeout = self.timeout if timeout is None else timeout
@@ -92,8 +108,8 @@ class Session:
             if resend_due and now - sent >= 0.05:
                 retries += 1
                 self.retransmissions += 1
-                if retries > self.max_retries:
-                    raise DeviceConnectionError(
+                if retries > (self.max_retries if max_retries is None else max_retries):
+                    raise NoisyLinkError(
                         f"{self.url}: {retries} damaged frames during {op!r}; the link is too noisy "
                         f"(check the cable and baud rate)"
                     )
@@ -153,10 +169,19 @@ class Session:
     def upload(self, data: bytes, sha256: str, progress: Callable[[int, int], None] | None = None) -> None:
         """Chunked upload then commit; the agent verifies the checksum before anything is used."""
         token = self.call("put_begin", sha256=sha256, size=len(data))[0]["token"]
-        for off in range(0, len(data), UPLOAD_CHUNK):
-            self.call("put_chunk", [data[off : off + UPLOAD_CHUNK]], token=token, offset=off)
+        off = 0
+        while off < len(data):
+            chunk = data[off : off + self.chunk_size]
+            try:
+                self.call("put_chunk", [chunk], token=token, offset=off, max_retries=4)
+            except NoisyLinkError:
+                if self.chunk_size <= MIN_CHUNK:
+                    raise
+                self.chunk_size //= 2  # a noisy line: smaller frames get through intact more often
+                continue
+            off += len(chunk)
             if progress:
-                progress(min(off + UPLOAD_CHUNK, len(data)), len(data))
+                progress(off, len(data))
         self.call("put_commit", token=token, timeout=max(self.timeout, 120.0))
 
     def load(self, sha256: str, threads: int = 0) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def open_serial(url: str, parts: Any, query: dict[str, str], timeout: float, wra
     channel: Channel = SerialChannel(open_serial_port(parts, query))
     if wrap is not None:
         channel = wrap(channel)
-    session = Session(channel, url, timeout=timeout)
+    session = Session(channel, url, timeout=timeout, chunk_size=16 << 10)
     try:
         session.hello(attempts=max(1, int(min(timeout, 30.0) / 2)), timeout=2.0)
     except DeviceTimeout as exc:

@@ -1,0 +1,129 @@
+"""Shared pieces of the device runner tests: real models and data, a noisy line, process helpers."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.device.session import Channel
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RESNET8_ONNX = DATA / "resnet8_cifar10_fp32.onnx"
+LITERT_INT8 = DATA / "mlperf_tiny_resnet8_int8_reference.tflite"
+
+
+def quantized_resnet8():
+    """The real ResNet-8 quantized by edgekit on 200 calibration images."""
+    import edgekit
+
+    calib = np.load(DATA / "cifar10_calib_train1000.npz")["x"][:200].astype(np.float32)
+    return edgekit.quantize(str(RESNET8_ONNX), calib)
+
+
+def test_subset(path: Path, n: int, labels: bool = True) -> Path:
+    """The first ``n`` CIFAR-10 test images (and labels) as an .npz."""
+    d = np.load(DATA / "cifar10_test.npz")
+    arrays = {"x": d["x"][:n]}
+    if labels:
+        arrays["y"] = d["y"][:n]
+    np.savez(path, **arrays)
+    return path
+
+
+test_subset.__test__ = False  # not a test, despite the name
+
+
+def tampered_artifact(qm, layer_index: int, out: Path) -> tuple[Path, str]:
+    """A reference artifact whose model computes one conv layer differently (bias +3) while its
+    manifest claims the original model: stands in for a device runtime with a wrong kernel."""
+    import copy
+    import tempfile
+
+    from edgekit.artifact import pack_artifact
+    from edgekit.device.artifacts import io_specs
+
+    bad = copy.deepcopy(qm)
+    convs = [n for n in bad.nodes if n.op == "conv2d"]
+    node = convs[layer_index]
+    bias = node.params["bias"]
+    bad.constants[bias] = bad.constants[bias] + np.int32(3 * 1000)
+    inputs, outputs = io_specs(qm)
+    with tempfile.TemporaryDirectory() as tmp:
+        ekq = bad.save(Path(tmp) / "model.ekq")
+        manifest = {"runtime": "reference", "model_file": "model.ekq", "target": "numpy",
+                    "model_hash": qm.content_hash(), "inputs": inputs, "outputs": outputs}
+        pack_artifact(out, manifest, {"model.ekq": ekq})
+    return out, node.name
+
+
+class NoisyChannel(Channel):
+    """Wraps a real channel and damages bytes in both directions: flips bits, drops bytes."""
+
+    def __init__(self, inner: Channel, *, flip: float = 0.0, drop: float = 0.0, seed: int = 0):
+        self.inner, self.flip, self.drop = inner, flip, drop
+        self.rng = random.Random(seed)
+        self.flipped = self.dropped = 0
+
+    def _damage(self, data: bytes) -> bytes:
+        out = bytearray()
+        for b in data:
+            r = self.rng.random()
+            if r < self.drop:
+                self.dropped += 1
+                continue
+            if r < self.drop + self.flip:
+                b ^= 1 << self.rng.randrange(8)
+                self.flipped += 1
+            out.append(b)
+        return bytes(out)
+
+    def read(self, n: int, timeout: float) -> bytes:
+        return self._damage(self.inner.read(n, timeout))
+
+    def write(self, data: bytes) -> None:
+        self.inner.write(self._damage(data))
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class CutAfter(Channel):
+    """Passes ``limit`` written bytes through, then the link 'drops' (closes) mid-transfer."""
+
+    def __init__(self, inner: Channel, limit: int):
+        self.inner, self.limit, self.sent = inner, limit, 0
+
+    def read(self, n: int, timeout: float) -> bytes:
+        return self.inner.read(n, timeout)
+
+    def write(self, data: bytes) -> None:
+        from edgekit.device.protocol import ChannelClosed
+
+        if self.sent + len(data) > self.limit:
+            self.inner.write(data[: max(0, self.limit - self.sent)])
+            self.inner.close()
+            raise ChannelClosed("link dropped (test)")
+        self.sent += len(data)
+        self.inner.write(data)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def kill_later(pid: int, delay: float) -> None:
+    """SIGKILL ``pid`` after ``delay`` seconds (from a thread)."""
+    import threading
+
+    def go() -> None:
+        time.sleep(delay)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    threading.Thread(target=go, daemon=True).start()

@@ -158,14 +158,18 @@ class Builder:
         self.nodes.append(QNode(op, name, [x], [y], attrs or {}, params or {}))
         return y
 
-    def lut(self, x, fn=np.tanh):
-        name = self._name("lut")
+    def lut(self, x, fn=np.tanh, out_s=1 / 128, out_zp=0, name=None):
+        """A table built like the quantizer builds it (float32 math, round half away from zero)."""
+        from edgekit.quant.arith import round_half_away
+
+        node = self._name("lut")
         q = np.arange(-128, 128)
-        out_s = 1 / 128
-        table = np.clip(np.round(fn((q - self.tensors[x].zero_point) * self.s(x)) / out_s), -128, 127).astype(np.int8)
-        self.constants[f"{name}.table"] = table
-        return self.simple("lut", x, self.shapes[x], {"function": fn.__name__}, {"table": f"{name}.table"},
-                           scale=out_s, zp=0)
+        real = ((q - self.tensors[x].zero_point).astype(np.float32) * np.float32(self.s(x))).astype(np.float32)
+        y = fn(real).astype(np.float32)
+        table = np.clip(round_half_away(y / np.float32(out_s)) + out_zp, -128, 127).astype(np.int8)
+        self.constants[f"{node}.table"] = table
+        return self.simple("lut", x, self.shapes[x], {"function": name or fn.__name__}, {"table": f"{node}.table"},
+                           scale=out_s, zp=out_zp)
 
     def build(self, outs, name="test", softmax=False) -> QuantModel:
         outs = [outs] if isinstance(outs, str) else outs

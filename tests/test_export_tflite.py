@@ -143,3 +143,17 @@ def test_resnet8_bit_exact_500_images_and_xnnpack_bound(resnet8_int8, cifar_test
     assert gap.max() <= 16
     assert (xo.argmax(1) == ref.argmax(1)).mean() >= 0.93
     assert (out.argmax(1) == y).mean() > 0.70
+
+
+def test_sigmoid_maps_to_logistic_only_when_measured_exact():
+    b = Builder((None, 8, 8, 4), seed=7)
+    c = b.conv(b.x, 8, relu=False)
+    sg = b.lut(c, lambda r: 1 / (1 + np.exp(-np.clip(r, -60, 60))), out_s=1 / 256, out_zp=-128, name="sigmoid")
+    hs = b.lut(c, lambda r: r * np.clip(r + 3, 0, 6) / 6, out_s=0.05, out_zp=-60, name="hardswish")
+    y = b.add(sg, hs, relu=False)
+    data = _exact(b.build(y))
+    ops = summarize_ops(data)
+    assert ops.get("LOGISTIC") == 1  # LiteRT's int8 LOGISTIC reproduces the float-built table
+    assert ops.get("LOGISTIC", 0) + ops.get("HARD_SWISH", 0) + ops.get("GATHER", 0) == 2
+    data = _exact(b.build(y), native_luts=False)
+    assert summarize_ops(data).get("GATHER") == 2

@@ -283,10 +283,30 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
 # BuiltinOperator codes and the op versions LiteRT's resolver registers for int8
 ADD, AVERAGE_POOL_2D, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE = 0, 1, 2, 3, 4, 6
 FULLY_CONNECTED, LOGISTIC, MAX_POOL_2D, MUL, RESHAPE, SOFTMAX = 9, 14, 17, 18, 22, 25
-PAD, GATHER, TRANSPOSE, CAST, MAXIMUM, MINIMUM, QUANTIZE = 34, 36, 39, 53, 55, 57, 114
+PAD, GATHER, TRANSPOSE, CAST, MAXIMUM, MINIMUM, QUANTIZE, HARD_SWISH = 34, 36, 39, 53, 55, 57, 114, 117
 VERSIONS = {ADD: 2, AVERAGE_POOL_2D: 2, CONCATENATION: 2, CONV_2D: 3, DEPTHWISE_CONV_2D: 3, DEQUANTIZE: 2,
             FULLY_CONNECTED: 4, MAX_POOL_2D: 2, MUL: 2, RESHAPE: 1, SOFTMAX: 2, PAD: 2, GATHER: 2,
-            TRANSPOSE: 2, CAST: 1, MAXIMUM: 2, MINIMUM: 2, QUANTIZE: 2, LOGISTIC: 2}
+            TRANSPOSE: 2, CAST: 1, MAXIMUM: 2, MINIMUM: 2, QUANTIZE: 2, LOGISTIC: 2, HARD_SWISH: 1}
+NATIVE_LUTS = {"sigmoid": LOGISTIC, "hardswish": HARD_SWISH, "hard_swish": HARD_SWISH}
+_PROBES: dict[tuple, bool] = {}
+
+
+def native_lut_is_exact(code: int, in_q: tuple[float, int], out_q: tuple[float, int], table: np.ndarray) -> bool:
+    """Whether LiteRT's builtin ``code`` kernel (LOGISTIC, HARD_SWISH) reproduces ``table`` on all
+    256 int8 inputs with these quantization parameters: measured, not assumed."""
+    key = (code, in_q, out_q, table.tobytes())
+    if key not in _PROBES:
+        g = _Graph()
+        i = g.add("x", [1, 256], np.int8, scale=np.float32(in_q[0]), zero_point=in_q[1])
+        o = g.add("y", [1, 256], np.int8, scale=np.float32(out_q[0]), zero_point=out_q[1])
+        g.ops.append(_Op(code, VERSIONS[code], [i], [o]))
+        data = _serialize(g, [i], [o], {}, "edgekit lut probe")
+        try:
+            got = run_tflite(data, np.arange(-128, 128, dtype=np.int8).reshape(1, 256))
+            _PROBES[key] = bool(np.array_equal(got.reshape(256), table.reshape(256)))
+        except Exception:  # noqa: BLE001 - a kernel that refuses these qparams is simply not used
+            _PROBES[key] = False
+    return _PROBES[key]
 ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 3
 PAD_SAME, PAD_VALID = 0, 1
 
@@ -310,8 +330,10 @@ def _weight_scales(node: QNode, mult: np.ndarray, shift: np.ndarray, in_s: float
 
 
 class _Exporter:
-    def __init__(self, qm: QuantModel, *, batch: int | None, float_input: bool, float_outputs: bool):
+    def __init__(self, qm: QuantModel, *, batch: int | None, float_input: bool, float_outputs: bool,
+                 native_luts: bool = True):
         self.qm = qm
+        self.native_luts = native_luts
         self.batch = batch
         self.float_input = float_input
         self.float_outputs = float_outputs
@@ -658,11 +680,17 @@ class _Exporter:
         self.clamp(self.act(x, shapes[x]), out, lo, hi, shapes[out])
 
     def op_lut(self, node: QNode, shapes) -> None:
-        """table[q + 128] as CAST(int8 -> int32) + ADD(128) + GATHER: exact for any table."""
+        """LOGISTIC / HARD_SWISH where LiteRT's kernel is measured to give exactly the table, else
+        table[q + 128] as CAST(int8 -> int32) + ADD(128) + GATHER (exact for any table)."""
         x, out = node.inputs[0], node.outputs[0]
         table = np.asarray(self.qm.constants[node.params["table"]]).astype(np.int8).reshape(256)
         shp = shapes[x]
         t_in = self.act(x, shp)
+        code = NATIVE_LUTS.get(str(node.attrs.get("function", "")).lower())
+        if self.native_luts and code is not None and native_lut_is_exact(
+                code, (self.scale(x), self.zp(x)), (self.scale(out), self.zp(out)), table):
+            self.op(code, [t_in], [self.act(out, shapes[out])])
+            return
         idx32 = self.tmp(f"{node.name}/index_raw", shp, None, 0, np.int32)
         self.op(CAST, [t_in], [idx32])
         off = self.g.const(f"{node.name}/offset", np.array([128], np.int32))
@@ -677,13 +705,15 @@ class _Exporter:
 # ---------------------------------------------------------------------------------------
 
 def to_tflite_bytes(qm: QuantModel, *, batch: int | None = None, float_input: bool = False,
-                    float_outputs: bool = False) -> tuple[bytes, dict[str, Any]]:
+                    float_outputs: bool = False, native_luts: bool = True) -> tuple[bytes, dict[str, Any]]:
     """The .tflite flatbuffer of ``qm`` and the metadata embedded in it.
 
     ``batch=None`` keeps the batch axis dynamic (shape 1, signature -1); ``batch=1`` fixes it
-    (what microcontroller runtimes and Vela want).
+    (what microcontroller runtimes and Vela want). ``native_luts`` maps sigmoid/hardswish tables
+    to LOGISTIC/HARD_SWISH when LiteRT's kernel is measured to match them exactly.
     """
-    return _Exporter(qm, batch=batch, float_input=float_input, float_outputs=float_outputs).run()
+    return _Exporter(qm, batch=batch, float_input=float_input, float_outputs=float_outputs,
+                     native_luts=native_luts).run()
 
 
 def export_tflite(qm: QuantModel, out: str | Path, **options: Any) -> dict[str, Any]:

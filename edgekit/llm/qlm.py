@@ -282,10 +282,16 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
     e = qm.embed
     x = rescale_to(e.weight[ids].astype(np.int64), (e.w_scale[ids] / g["embed"].scale)[:, None], g["embed"])
     xq = g["embed"]
+
+    def tr(name: str, q: np.ndarray, aq: ActQ) -> None:
+        if trace is not None:
+            trace[name] = aq.dequantize(q)
+
+    tr("embed", x, xq)
     cos, sin = rope_tables(c.head_dim, np.arange(start, start + t), c.rope_theta)
     grp = c.heads // c.kv_heads
     for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
-        h = a["attn_in"].quantize(_rms(xq.dequantize(x), lw["attn_norm"], lw["attn_norm_bias"], c.rms_eps))
+        h = h0 = a["attn_in"].quantize(_rms(xq.dequantize(x), lw["attn_norm"], lw["attn_norm_bias"], c.rms_eps))
         qacc = int_linear(h, a["attn_in"], lw["q"])
         kacc = int_linear(h, a["attn_in"], lw["k"])
         q = (qacc * (a["attn_in"].scale * lw["q"].w_scale)).astype(np.float32)
@@ -313,7 +319,7 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
         att = rescale_to(pv, a["probs"].scale * a["v"].scale / a["attn_out"].scale, a["attn_out"])
         o = rescale_to(int_linear(att, a["attn_out"], lw["o"]),
                        a["attn_out"].scale * lw["o"].w_scale / a["o_out"].scale, a["o_out"])
-        x = int_add(x, xq, o, a["o_out"], a["res_mid"])
+        x = xm = int_add(x, xq, o, a["o_out"], a["res_mid"])
         xq = a["res_mid"]
         h = a["mlp_in"].quantize(_rms(xq.dequantize(x), lw["mlp_norm"], lw["mlp_norm_bias"], c.rms_eps))
         gt = rescale_to(int_linear(h, a["mlp_in"], lw["gate"]),
@@ -328,8 +334,12 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
         x = int_add(x, xq, d, a["down_out"], a["res_out"])
         xq = a["res_out"]
         if trace is not None:
-            trace[f"layer{i}"] = xq.dequantize(x)
+            for n, val in (("attn_in", h0), ("q", q), ("k", k), ("v", v), ("probs", p), ("attn_out", att),
+                           ("o_out", o), ("res_mid", xm), ("mlp_in", h), ("gate", gt), ("up", up), ("silu", sl),
+                           ("h", hh), ("down_out", d), ("res_out", x)):
+                tr(f"{i}.{n}", val, a[n])
     f = g["final_in"].quantize(_rms(xq.dequantize(x), qm.norm, qm.norm_bias, c.rms_eps))
+    tr("final_in", f, g["final_in"])
     if not logits:
         return f
     acc = int_linear(f, g["final_in"], qm.head)

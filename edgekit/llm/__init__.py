@@ -1,0 +1,1 @@
+"""Small language models (Llama architecture) and encoders, quantized MobileQuant-style to integers."""

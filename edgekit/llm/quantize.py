@@ -1,0 +1,145 @@
+"""Post-training quantization of a Llama: RTN (min-max), SmoothQuant, and MobileQuant-style learning.
+
+All three produce a ``QParams`` (smoothing, clipping, activation ranges) and then the same integer
+``QuantLM`` (``build_quantlm``), so they differ only in how those numbers are chosen:
+
+- ``rtn``: no transformation, weights rounded to nearest with max|w| per channel, activation ranges
+  = min/max over the calibration tokens;
+- ``smoothquant``: per-channel smoothing s = max|X|^a / max|W|^(1-a) (a = 0.5) on the four pairs
+  (norm->qkv, norm->gate/up, v->o, up->down), then min-max ranges;
+- ``mobilequant``: SmoothQuant as the start, then smoothing scales and shifts, weight clipping and
+  activation ranges learned jointly over all layers (``edgekit.llm.learn``, torch), loss = MSE of the
+  final hidden states against the float model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import CalibrationError, QuantizationError
+from edgekit.llm.model import LlamaModel
+from edgekit.llm.qlm import GLOBAL_ACTS, LAYER_ACTS, ActQ, QLinear, QuantLM
+from edgekit.llm.sim import NpOps, Observer, QParams, Scheme, fold_layer, identity_qparams, kv_index, sim_forward
+from edgekit.quant.arith import round_half_away
+
+LINS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def calib_batches(ids: np.ndarray, seq_len: int, n_seqs: int) -> np.ndarray:
+    """Non-overlapping [n, seq_len] windows from a token stream."""
+    n = min(n_seqs, len(ids) // seq_len)
+    if n < 1:
+        raise CalibrationError(f"calibration text has {len(ids)} tokens; need at least {seq_len}: give more text")
+    return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
+
+
+def observe(model: LlamaModel, qp: QParams | None, scheme: Scheme, batches: np.ndarray, *, quant_weights: bool,
+            ops: Any = None) -> Observer:
+    """Run the calibration windows through the model (activations unquantized) and record ranges."""
+    obs = Observer()
+    for row in batches:
+        sim_forward(model, QParams(qp.layers) if qp else None, scheme, row[None], ops=ops, quant=quant_weights,
+                    observer=obs)
+    return obs
+
+
+def minmax_ranges(model: LlamaModel, obs: Observer) -> tuple[list[dict[str, tuple[float, float]]], dict]:
+    ranges = []
+    for i in range(model.config.layers):
+        r = {n: obs.minmax[f"{i}.{n}"] for n in LAYER_ACTS}
+        r["probs"] = (0.0, 1.0)
+        ranges.append(r)
+    return ranges, {n: obs.minmax[n] for n in GLOBAL_ACTS}
+
+
+def smoothquant_qparams(model: LlamaModel, obs: Observer, alpha: float = 0.5) -> QParams:
+    """SmoothQuant scales from per-channel activation maxima (``obs`` of the untransformed float model)."""
+    qp = identity_qparams(model)
+    c = model.config
+    idx = kv_index(c)
+
+    def smooth(xmax: np.ndarray, wmax: np.ndarray) -> np.ndarray:
+        s = np.power(np.maximum(xmax, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1 - alpha)
+        s = np.clip(s, 1e-4, 1e4)
+        return (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: keeps magnitudes
+
+    for i, lw in enumerate(model.layers):
+        p = qp.layers[i]
+        lw = {k: np.asarray(v) for k, v in lw.items()}
+        wqkv = np.abs(np.concatenate([lw["q"], lw["k"], lw["v"]], 0)).max(0)
+        p["s_attn"] = smooth(obs.chmax[f"{i}.attn_x"], wqkv)
+        p["s_mlp"] = smooth(obs.chmax[f"{i}.mlp_x"], np.abs(np.concatenate([lw["gate"], lw["up"]], 0)).max(0))
+        kvd = c.kv_heads * c.head_dim
+        ox = np.zeros(kvd, np.float32)
+        np.maximum.at(ox, idx, obs.chmax[f"{i}.o_x"])
+        ow = np.zeros(kvd, np.float32)
+        np.maximum.at(ow, idx, np.abs(lw["o"]).max(0))
+        p["s_v"] = smooth(ox, ow)
+        p["s_h"] = smooth(obs.chmax[f"{i}.down_x"], np.abs(lw["down"]).max(0))
+    return qp
+
+
+def calibrate(model: LlamaModel, method: str, scheme: Scheme, batches: np.ndarray, *, alpha: float = 0.5,
+              ops: Any = None, log: Any = None) -> QParams:
+    """QParams for ``rtn`` or ``smoothquant`` (and the start of ``mobilequant``)."""
+    t0 = time.time()
+    if method == "rtn":
+        qp = identity_qparams(model)
+    elif method in ("smoothquant", "mobilequant"):
+        qp = smoothquant_qparams(model, observe(model, None, scheme, batches, quant_weights=False, ops=ops), alpha)
+    else:
+        raise QuantizationError(f"unknown scheme {method!r}: use rtn, smoothquant or mobilequant")
+    obs = observe(model, qp, scheme, batches, quant_weights=True, ops=ops)
+    qp.ranges, qp.granges = minmax_ranges(model, obs)
+    if log:
+        log(f"calibrate {method}: {batches.size} tokens, {time.time() - t0:.1f}s")
+    return qp
+
+
+# ---- integer model --------------------------------------------------------------------------------------
+
+def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, in_scale: float) -> QLinear:
+    """Symmetric per-channel integer weights and an int32 bias at scale in_scale * w_scale."""
+    qmax = 2 ** (bits - 1) - 1
+    w = np.asarray(w, np.float64)
+    ws = np.maximum(np.abs(w).max(1) * np.asarray(clip, np.float64), 1e-8) / qmax
+    wi = np.clip(np.round(w / ws[:, None]), -qmax, qmax).astype(np.int8)
+    bi = round_half_away(np.asarray(b, np.float64) / (in_scale * ws))
+    if np.abs(bi).max(initial=0) >= 2**31:
+        raise QuantizationError("a bias does not fit int32 at its scale: widen the input's activation range")
+    return QLinear(wi, ws.astype(np.float32), bi.astype(np.int32), bits)
+
+
+def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str, Any] | None = None) -> QuantLM:
+    """Fold the transformation, quantize the weights, fix every activation's static scale."""
+    c = model.config
+    ops = NpOps()
+    acts = [{n: ActQ.from_range(*map(float, qp.ranges[i][n]), scheme.bits(n)) for n in LAYER_ACTS}
+            for i in range(c.layers)]
+    gacts = {n: ActQ.from_range(*map(float, qp.granges[n]), scheme.bits(n)) for n in GLOBAL_ACTS}
+    inputs = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "gate": "mlp_in", "up": "mlp_in",
+              "down": "h"}
+    layers = []
+    for i, lw in enumerate(model.layers):
+        p = {k: np.asarray(ops.np(v), np.float32) for k, v in qp.layers[i].items()}
+        f = fold_layer(ops, {k: np.asarray(v, np.float64) for k, v in lw.items()}, p, c)
+        d: dict[str, Any] = {k: np.asarray(f[k], np.float32) for k in
+                             ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias")}
+        for k in LINS:
+            d[k] = quantize_linear(f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale)
+        layers.append(d)
+    ones = np.ones(model.embed.shape[0], np.float32)
+    embed = quantize_linear(model.embed, np.zeros(model.embed.shape[0]), ones, scheme.embed_bits,
+                            gacts["final_in"].scale)
+    head = None
+    if model.lm_head is not None:
+        head = quantize_linear(model.lm_head, np.zeros(model.lm_head.shape[0]), ones, scheme.embed_bits,
+                               gacts["final_in"].scale)
+    meta = dict(meta or {})
+    meta.update({"weight_bits": scheme.weight_bits, "act_bits": scheme.act_bits, "act16": list(scheme.act16),
+                 "embed_bits": scheme.embed_bits})
+    return QuantLM(c, embed, head, np.asarray(model.norm, np.float32), np.zeros(c.hidden, np.float32), layers,
+                   acts, gacts, meta=meta, tokenizer=model.tokenizer)

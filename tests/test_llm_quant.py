@@ -1,0 +1,201 @@
+"""edgekit.llm on a tiny random Llama built here: loaders, integer executor, file format, ONNX QDQ, KV cache,
+RTN / SmoothQuant / MobileQuant (torch) end to end."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.errors import EdgekitError, ModelFormatError
+from edgekit.llm.model import LlamaConfig, float_forward, load_model, random_llama, save_safetensors
+from edgekit.llm.qlm import DEFAULT_ACT16, QuantLM, generate, int_forward, load_lm
+from edgekit.llm.quantize import build_quantlm, calib_batches, calibrate
+from edgekit.llm.sim import Scheme, sim_forward
+
+CFG = LlamaConfig(vocab_size=64, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return random_llama(CFG, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    rng = np.random.default_rng(1)
+    return rng.integers(0, CFG.vocab_size, 400)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+def test_sim_float_equals_numpy_float(tiny, tokens):
+    f = float_forward(tiny, tokens[:40])
+    s = sim_forward(tiny, None, Scheme(), tokens[:40], quant=False, logits=True)[0]
+    assert np.allclose(f, s, atol=1e-4)
+
+
+def test_safetensors_roundtrip(tiny, tokens, tmp_path):
+    save_safetensors(tiny, tmp_path / "m")
+    m2 = load_model(tmp_path / "m")
+    assert m2.config.kv_heads == CFG.kv_heads and m2.lm_head is None
+    assert np.allclose(float_forward(m2, tokens[:20]), float_forward(tiny, tokens[:20]), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rtn", "smoothquant"])
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_integer_model_tracks_float(tiny, tokens, method, wbits):
+    sch = Scheme(weight_bits=wbits)
+    qp = calibrate(tiny, method, sch, calib_batches(tokens[200:], 32, 4))
+    qm = build_quantlm(tiny, qp, sch)
+    for lw in qm.layers:
+        for k in ("q", "k", "v", "o", "gate", "up", "down"):
+            assert lw[k].weight.dtype == np.int8 and lw[k].bias.dtype == np.int32
+            qmax = 2 ** (wbits - 1) - 1
+            assert np.abs(lw[k].weight).max() <= qmax
+    for a in qm.acts:
+        assert a["res_out"].bits == 16 and a["h"].bits == 8
+    ids = tokens[:48]
+    f = float_forward(tiny, ids)
+    i = int_forward(qm, ids)
+    s = sim_forward(tiny, qp, sch, ids, logits=True)[0]
+    # the random model has 8x outlier channels in its norms; bounds are loose but catch broken rescales
+    assert _rel(i, f) < (0.25 if wbits == 8 else 0.5)
+    assert _rel(i, s) < 0.15  # integer executor and float simulation agree up to rounding flips
+    assert (i.argmax(-1) == f.argmax(-1)).mean() > 0.6
+
+
+def test_smoothing_is_an_equivalent_transformation(tiny, tokens):
+    """With every quantizer off, the SmoothQuant-transformed model computes the float model."""
+    qp = calibrate(tiny, "smoothquant", Scheme(), calib_batches(tokens[200:], 32, 4))
+    qp.layers[0]["d_attn"] = np.linspace(-0.3, 0.3, CFG.hidden).astype(np.float32)  # shifts too
+    qp.layers[1]["d_v"] = np.linspace(-0.2, 0.2, CFG.kv_heads * CFG.head_dim).astype(np.float32)
+    a = sim_forward(tiny, qp, Scheme(), tokens[:40], quant=False, logits=True)
+    b = float_forward(tiny, tokens[:40])
+    assert np.allclose(a[0], b, atol=2e-3)
+
+
+def test_save_load_is_bit_exact_and_versioned(tiny, tokens, tmp_path):
+    sch = Scheme(weight_bits=4)
+    qm = build_quantlm(tiny, calibrate(tiny, "rtn", sch, calib_batches(tokens[200:], 32, 2)), sch)
+    p = qm.save(tmp_path / "m.ekq")
+    with zipfile.ZipFile(p) as z:
+        man = json.loads(z.read("model.json"))
+        assert man["format"] == "edgekit.lm" and man["version"] == 1
+        assert all(e.get("packed_int4") for e in man["arrays"] if e["name"].endswith(".up.weight"))
+    q2 = load_lm(p)
+    assert np.array_equal(int_forward(q2, tokens[:30]), int_forward(qm, tokens[:30]))
+    man["version"] = 99
+    bad = tmp_path / "bad.ekq"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("model.json", json.dumps(man))
+    with pytest.raises(ModelFormatError, match="re-export"):
+        load_lm(bad)
+    with pytest.raises(ModelFormatError):
+        load_lm(tmp_path / "missing.ekq")
+
+
+def test_kv_cache_generation_equals_full_recompute(tiny, tokens):
+    qm = build_quantlm(tiny, calibrate(tiny, "rtn", Scheme(), calib_batches(tokens[200:], 32, 2)), Scheme())
+    prompt = tokens[:12]
+    out = generate(qm, prompt, 6)
+    full = list(prompt)
+    for _ in range(6):
+        full.append(int(np.argmax(int_forward(qm, np.array(full))[-1])))
+    assert out == full[12:]
+
+
+@pytest.mark.parametrize("wbits", [8, 4])
+def test_onnx_qdq_export_matches_simulation(tiny, tokens, tmp_path, wbits):
+    ort = pytest.importorskip("onnxruntime")
+    from edgekit.llm.onnx_export import export_onnx
+
+    sch = Scheme(weight_bits=wbits)
+    qp = calibrate(tiny, "smoothquant", sch, calib_batches(tokens[200:], 32, 4))
+    qm = build_quantlm(tiny, qp, sch)
+    p = export_onnx(qm, tmp_path / "m.onnx", max_len=64)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+    o = sess.run(None, {"input_ids": tokens[None, :40].astype(np.int64)})[0][0]
+    s = sim_forward(tiny, qp, sch, tokens[:40], logits=True)[0]
+    assert _rel(o, s) < 1e-3
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(p)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
+
+
+def test_act16_list_is_configurable(tiny, tokens):
+    sch = Scheme(act16=DEFAULT_ACT16 + ("h",))
+    qm = build_quantlm(tiny, calibrate(tiny, "rtn", sch, calib_batches(tokens[200:], 32, 2)), sch)
+    assert qm.acts[0]["h"].bits == 16 and qm.acts[0]["gate"].bits == 8
+    assert isinstance(qm, QuantLM) and qm.meta["act16"][-1] == "h"
+
+
+def test_mobilequant_learning_beats_its_smoothquant_start(tiny, tokens):
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    from edgekit.llm.learn import learn
+    from edgekit.llm.quantize import observe
+
+    sch = Scheme(weight_bits=4)
+    batches = calib_batches(tokens[200:], 32, 4)
+    qp0 = calibrate(tiny, "smoothquant", sch, batches)
+    ch = observe(tiny, None, sch, batches, quant_weights=False)
+    qp1, hist = learn(tiny, qp0, sch, batches, steps=40, lr=2e-2, batch_size=4, chmax=ch)
+    assert hist["steps"] == 40
+    target = sim_forward(tiny, None, sch, batches, quant=False)
+    e0 = float(np.mean((sim_forward(tiny, qp0, sch, batches) - target) ** 2))
+    e1 = float(np.mean((sim_forward(tiny, qp1, sch, batches) - target) ** 2))
+    assert e1 < 0.9 * e0, (e0, e1)
+    qm = build_quantlm(tiny, qp1, sch)
+    f = float_forward(tiny, tokens[:40], hidden_only=True)
+    i = int_forward(qm, tokens[:40], logits=False)
+    assert _rel(qm.gacts["final_in"].dequantize(i), f) < 0.5
+
+
+def test_errors_say_what_to_do(tiny, tmp_path):
+    from edgekit.llm.api import quantize_lm
+
+    with pytest.raises(EdgekitError, match="rtn"):
+        quantize_lm(tiny, "gptq", np.arange(100))
+    with pytest.raises(EdgekitError, match="at least"):
+        quantize_lm(tiny, "rtn", np.arange(10), seq_len=32)
+    with pytest.raises(ModelFormatError):
+        load_model(tmp_path / "nothing.bin")
+
+
+def _char_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    chars = "<unk> abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.,'\n0123"
+    vocab = {"<unk>": 0}
+    for ch in chars[5:]:
+        vocab.setdefault(ch, len(vocab))
+    assert len(vocab) <= CFG.vocab_size
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_export_and_eval_api(tiny, tmp_path):
+    pytest.importorskip("tokenizers")
+    from edgekit.llm.api import eval_lm, export_lm
+
+    save_safetensors(tiny, tmp_path / "m")
+    _char_tokenizer(tmp_path / "m")
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    (tmp_path / "calib.txt").write_text(text[::-1])
+    (tmp_path / "eval.txt").write_text(text)
+    rep = export_lm(tmp_path / "m", "smoothquant", 8, 8, tmp_path / "calib.txt", tmp_path / "lm.ekq", seq_len=64,
+                    n_seqs=4)
+    assert rep["format"] == "edgekit.lm" and rep["calib_tokens"] == 256
+    f = eval_lm(tmp_path / "m", tmp_path / "eval.txt", tokens=200, window=100)
+    q = eval_lm(tmp_path / "lm.ekq", tmp_path / "eval.txt", tokens=200, window=100)
+    assert f["tokens"] == q["tokens"] == 200 and f["predicted"] == 198
+    assert np.isfinite(q["perplexity"]) and q["perplexity"] < 3 * f["perplexity"]

@@ -157,3 +157,13 @@ def test_sigmoid_maps_to_logistic_only_when_measured_exact():
     assert ops.get("LOGISTIC", 0) + ops.get("HARD_SWISH", 0) + ops.get("GATHER", 0) == 2
     data = _exact(b.build(y), native_luts=False)
     assert summarize_ops(data).get("GATHER") == 2
+
+
+def test_resnet8_int4_weights_written_as_int8_bit_exact(resnet8_int4, cifar_test):
+    qm = resnet8_int4
+    x = cifar_test[0][:200]
+    ref = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name]
+    data, meta = to_tflite_bytes(qm)
+    assert 4 in meta["weight_bits"].values()
+    out = run_tflite(data, quantize_input(qm, x), batch=200)
+    assert np.array_equal(out, ref)

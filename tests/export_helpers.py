@@ -198,3 +198,14 @@ def random_input(qm: QuantModel, n: int, seed: int = 1) -> np.ndarray:
     shape = [n if d is None else d for d in qm.tensors[qm.inputs[0]].shape]
     return np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float32)
 
+
+
+_REF: dict = {}
+
+
+def reference_logits(qm: QuantModel, x: np.ndarray) -> np.ndarray:
+    """The reference executor's integer outputs, cached per (model, input) for the test session."""
+    key = (qm.content_hash(), x.shape, hash(x.tobytes()))
+    if key not in _REF:
+        _REF[key] = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name]
+    return _REF[key]

@@ -13,6 +13,7 @@ import pytest
 
 from edgekit.export.bundle import write_bundle
 from edgekit.export.cli import export_model
+from tests.export_helpers import reference_logits
 
 # The app: no edgekit import, only metadata.json + model file + the runtime (run with -I, cwd=bundle).
 APP = textwrap.dedent('''
@@ -54,8 +55,8 @@ def _play(folder, pixels, tmp_path):
 
 def test_bundle_app_matches_reference_top1(resnet8_int8, cifar_test, tmp_path):
     qm = resnet8_int8
-    x = cifar_test[0][:64]
-    ref = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name].argmax(-1)
+    x = cifar_test[0][:500]
+    ref = reference_logits(qm, x).argmax(-1)
     res = write_bundle(qm, tmp_path / "b", labels="cifar10")
     for rt in ("litert", "onnxruntime"):
         folder = tmp_path / "b" / rt

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from edgekit.errors import UnsupportedOpsError
 from edgekit.export.onnx_qdq import compare, export_onnx, integer_kernels, run_onnxruntime, to_onnx
 from edgekit.export.tflite import quantize_input
 from edgekit.qmodel import QNode
-from tests.export_helpers import Builder, random_input, tiny_resnet
+from tests.export_helpers import Builder, random_input, reference_logits, tiny_resnet
 
 FLOAT_COMPUTE = {"Conv", "FusedConv", "MatMul", "Gemm", "AveragePool", "Add", "Mul"}
 
@@ -67,7 +66,7 @@ def test_resnet8_onnxruntime_gap(resnet8_int8, cifar_test):
     # 9 LSB, mean 1.31 LSB, top-1 agreement 96.84% (onnxruntime requantizes in float).
     qm = resnet8_int8
     x = cifar_test[0][:500]
-    ref = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name]
+    ref = reference_logits(qm, x)
     data = to_onnx(qm).SerializeToString()
     kernels = integer_kernels(data)
     assert kernels.get("QLinearConv") == 9 and not FLOAT_COMPUTE & set(kernels), kernels

@@ -16,7 +16,7 @@ from edgekit.export.tflite import (
     to_tflite_bytes,
 )
 from edgekit.qmodel import QNode
-from tests.export_helpers import Builder, random_input, tiny_resnet
+from tests.export_helpers import Builder, random_input, reference_logits, tiny_resnet
 
 
 def _check(qm, n=32, seed=1, xnnpack=False, **opts):
@@ -130,7 +130,7 @@ def test_non_tflite_rescale_is_refused():
 def test_resnet8_bit_exact_500_images_and_xnnpack_bound(resnet8_int8, cifar_test):
     qm = resnet8_int8
     x, y = cifar_test[0][:500], cifar_test[1][:500]
-    ref = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name]
+    ref = reference_logits(qm, x)
     data, _ = to_tflite_bytes(qm)
     xq = quantize_input(qm, x)
     assert np.array_equal(xq.astype(np.int16), x.astype(np.int16) - 128)  # raw pixels, scale 1, zp -128
@@ -162,7 +162,7 @@ def test_sigmoid_maps_to_logistic_only_when_measured_exact():
 def test_resnet8_int4_weights_written_as_int8_bit_exact(resnet8_int4, cifar_test):
     qm = resnet8_int4
     x = cifar_test[0][:200]
-    ref = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name]
+    ref = reference_logits(qm, x)
     data, meta = to_tflite_bytes(qm)
     assert 4 in meta["weight_bits"].values()
     out = run_tflite(data, quantize_input(qm, x), batch=200)

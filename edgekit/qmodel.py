@@ -162,8 +162,11 @@ class QuantModel:
         return total
 
     def content_hash(self) -> str:
+        """Identity of the computation (graph, quantization, constants); provenance excluded."""
         h = hashlib.sha256()
-        h.update(json.dumps(self._manifest(), sort_keys=True).encode())
+        manifest = self._manifest()
+        manifest.pop("provenance")
+        h.update(json.dumps(manifest, sort_keys=True).encode())
         for k in sorted(self.constants):
             a = np.ascontiguousarray(self.constants[k])
             h.update(k.encode())

@@ -91,7 +91,7 @@ def test_tiny_resnet_bit_exact_and_metadata():
     from ai_edge_litert.interpreter import Interpreter
 
     sig = Interpreter(model_content=data).get_signature_list()
-    assert sig["serving_default"]["inputs"] == ["input_q"]
+    assert sig["serving_default"]["inputs"] == ["input"]  # the model's input name; tensor "input_q" behind
     assert sig["serving_default"]["outputs"] == [qm.outputs[0].name]
 
 

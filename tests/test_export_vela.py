@@ -55,3 +55,13 @@ def test_partial_and_full_cpu_fallback(tmp_path):
 def test_bad_target():
     with pytest.raises(VelaError, match="ethos-u55-128"):
         compile_for_ethos_u(b"", "ethos-u99")
+
+
+def test_resnet8_fully_on_ethos_u55(resnet8_int8, tmp_path):
+    # Measured: 200,810 cycles = 0.402 ms at 500 MHz, SRAM 50.6 KiB, flash 76.3 KiB (the
+    # official MLPerf int8 model: 201,747 cycles); every operator on the NPU.
+    v = export_vela(resnet8_int8, tmp_path / "r8_vela.tflite", target="ethos-u55-128")["vela"]
+    assert v["cpu_ops"] == [] and not v["all_on_cpu"]
+    assert {o["op_type"] for o in v["npu_ops"]} >= {"Conv2D", "Add", "AvgPool", "FullyConnected"}
+    assert 150_000 < v["cycles_total"] < 260_000 and v["core_clock_hz"] == 500e6
+    assert 40 * 1024 < v["sram_used_bytes"] < 80 * 1024 and v["off_chip_flash_used_bytes"] > 70_000

@@ -71,7 +71,8 @@ def build_metadata(qm: QuantModel, runtime: str, model_file: str, model_bytes: b
     inputs = []
     for src, name in zip(qm.inputs, in_names, strict=True):
         layout = "NHWC" if len(qm.tensors[q_nodes[src]].shape) == 4 else "ND"
-        inputs.append(_io_entry(qm, q_nodes[src], offset=offset, batch=1, extra={"layout": layout}) | {"name": name})
+        inputs.append(_io_entry(qm, q_nodes[src], offset=offset, batch=1, extra={"layout": layout})
+                      | {"name": name, "tensor": q_nodes[src]})
     outputs = []
     for spec, name in zip(qm.outputs, io_names[1] if io_names else [o.name for o in qm.outputs], strict=True):
         outputs.append(_io_entry(qm, spec.name, offset=offset, batch=1, extra={
@@ -292,7 +293,9 @@ def write_bundle(qm: QuantModel, out: str | Path, *, runtimes: tuple[str, ...] =
         else:
             model_file = "model.onnx"
             data = to_onnx(qm).SerializeToString()
-        meta = build_metadata(qm, rt, model_file, data, labels=lab, mean=mean, std=std)
+        # LiteRT: the signature keeps the model's own input/output names (tensor "<input>_int8" behind)
+        names = (list(qm.inputs), [o.name for o in qm.outputs]) if rt == "litert" else None
+        meta = build_metadata(qm, rt, model_file, data, labels=lab, mean=mean, std=std, io_names=names)
         files: dict[str, bytes] = {model_file: data, "metadata.json": json.dumps(meta, indent=1).encode(),
                                    "README.md": _readme(meta).encode()}
         files.update({k: v.encode() for k, v in _snippets(meta).items()})

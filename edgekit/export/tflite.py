@@ -188,7 +188,7 @@ def _table(b: flatbuffers.Builder, mod_name: str, fields: dict[str, Any]) -> int
 
 
 def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[str, bytes],
-               description: str) -> bytes:
+               description: str, sig_names: tuple[list[str], list[str]] | None = None) -> bytes:
     from tflite.BuiltinOptions import BuiltinOptions
 
     b = flatbuffers.Builder(1024)
@@ -253,14 +253,15 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
     sg = _table(b, "SubGraph", {"Tensors": vec_of(t_offs), "Inputs": _vec_i32(b, inputs),
                                 "Outputs": _vec_i32(b, outputs), "Operators": vec_of(op_offs), "Name": sg_name})
     # signature: names as the QuantModel has them
-    def tmaps(idx: list[int]) -> int:
+    def tmaps(idx: list[int], names: list[str] | None) -> int:
         offs = []
-        for i in idx:
-            nm = b.CreateString(g.tensors[i].name)
+        for k, i in enumerate(idx):
+            nm = b.CreateString(names[k] if names else g.tensors[i].name)
             offs.append(_table(b, "TensorMap", {"Name": nm, "TensorIndex": i}))
         return vec_of(offs)
 
-    sig_in, sig_out = tmaps(inputs), tmaps(outputs)
+    sig_in = tmaps(inputs, sig_names[0] if sig_names else None)
+    sig_out = tmaps(outputs, sig_names[1] if sig_names else None)
     key = b.CreateString("serving_default")
     sig = _table(b, "SignatureDef", {"Inputs": sig_in, "Outputs": sig_out, "SignatureKey": key, "SubgraphIndex": 0})
     meta_offs = []
@@ -459,7 +460,8 @@ class _Exporter:
         meta = self._metadata(shapes)
         data = _serialize(self.g, sub_inputs, sub_outputs,
                           {"edgekit": json.dumps(meta, sort_keys=True).encode(), "min_runtime_version": b"2.3.0"},
-                          f"edgekit {_version()}: {qm.name}")
+                          f"edgekit {_version()}: {qm.name}",
+                          sig_names=(list(qm.inputs), [o.name for o in qm.outputs]))
         return data, meta
 
     def _metadata(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -470,7 +472,7 @@ class _Exporter:
             "edgekit_version": _version(),
             "model": qm.name,
             "content_hash": qm.content_hash(),
-            "inputs": [{"name": (n if self.float_input else self.g.tensors[self.g.index[
+            "inputs": [{"signature_name": n, "tensor": (n if self.float_input else self.g.tensors[self.g.index[
                 next(x for x in qm.nodes if x.op == 'quantize' and x.inputs[0] == n).outputs[0]]].name),
                         "dtype": "float32" if self.float_input else "int8"} for n in qm.inputs],
             "outputs": [{"name": o.name, "epilogue": o.epilogue, "in_graph": bool(self.float_outputs)}

@@ -167,3 +167,15 @@ def test_resnet8_int4_weights_written_as_int8_bit_exact(resnet8_int4, cifar_test
     assert 4 in meta["weight_bits"].values()
     out = run_tflite(data, quantize_input(qm, x), batch=200)
     assert np.array_equal(out, ref)
+
+
+def test_maxpool_explicit_pads_use_padv2_and_avgpool_refuses():
+    b = Builder((None, 8, 8, 4), seed=9)
+    c = b.conv(b.x, 8, relu=False)
+    m = b.pool("maxpool", c, k=3, stride=2, pads=[1, 1, 1, 1])  # ResNet stem style, not SAME on 8x8
+    data = _exact(b.build(m))
+    assert summarize_ops(data).get("PADV2") == 1
+    b = Builder((None, 8, 8, 4), seed=9)
+    a = b.pool("avgpool", b.conv(b.x, 8), k=3, stride=2, pads=[1, 1, 1, 1])
+    with pytest.raises(UnsupportedOpsError, match="avgpool"):
+        to_tflite_bytes(b.build(a))

@@ -284,10 +284,10 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
 # BuiltinOperator codes and the op versions LiteRT's resolver registers for int8
 ADD, AVERAGE_POOL_2D, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE = 0, 1, 2, 3, 4, 6
 FULLY_CONNECTED, LOGISTIC, MAX_POOL_2D, MUL, RESHAPE, SOFTMAX = 9, 14, 17, 18, 22, 25
-PAD, GATHER, TRANSPOSE, CAST, MAXIMUM, MINIMUM, QUANTIZE, HARD_SWISH = 34, 36, 39, 53, 55, 57, 114, 117
+PAD, GATHER, TRANSPOSE, CAST, MAXIMUM, MINIMUM, PADV2, QUANTIZE, HARD_SWISH = 34, 36, 39, 53, 55, 57, 60, 114, 117
 VERSIONS = {ADD: 2, AVERAGE_POOL_2D: 2, CONCATENATION: 2, CONV_2D: 3, DEPTHWISE_CONV_2D: 3, DEQUANTIZE: 2,
             FULLY_CONNECTED: 4, MAX_POOL_2D: 2, MUL: 2, RESHAPE: 1, SOFTMAX: 2, PAD: 2, GATHER: 2,
-            TRANSPOSE: 2, CAST: 1, MAXIMUM: 2, MINIMUM: 2, QUANTIZE: 2, LOGISTIC: 2, HARD_SWISH: 1}
+            TRANSPOSE: 2, CAST: 1, MAXIMUM: 2, MINIMUM: 2, QUANTIZE: 2, LOGISTIC: 2, HARD_SWISH: 1, PADV2: 2}
 NATIVE_LUTS = {"sigmoid": LOGISTIC, "hardswish": HARD_SWISH, "hard_swish": HARD_SWISH}
 _PROBES: dict[tuple, bool] = {}
 
@@ -533,19 +533,29 @@ class _Exporter:
         self.op(code, [t_in, wt, bt], [t_out], opts)
         self.finish_clamp(node, t_out, extra, shapes[out])
 
-    def _padding(self, node: QNode, t_in: int, x: str, in_shape, kernel, strides, dil, pads, fill_min=False):
-        """SAME/VALID if the pads match, else an explicit PAD (int8, zero point) + VALID."""
+    def _padding(self, node: QNode, t_in: int, x: str, in_shape, kernel, strides, dil, pads, fill=None):
+        """SAME/VALID if the pads match, else an explicit PAD + VALID.
+
+        ``fill=None`` pads with the zero point (convolutions); ``fill=-128`` pads with the int8
+        minimum through PADV2 (max pooling, where padded cells must never win).
+        """
         if not any(pads):
             return PAD_VALID
         if pads == _same_pads(in_shape[1:3], kernel, strides, dil):
             return PAD_SAME
-        if fill_min:
-            raise UnsupportedOpsError([(f"{node.op}(pads={pads}, not SAME)", node.name)], context=CONTEXT)
+        if node.op == "avgpool":
+            raise UnsupportedOpsError([(f"avgpool(pads={pads}, not SAME: TFLite cannot exclude them)", node.name)],
+                                      context=CONTEXT)
         top, left, bottom, right = pads
         shp = (in_shape[0], in_shape[1] + top + bottom, in_shape[2] + left + right, in_shape[3])
         pt = self.g.const(f"{node.name}/paddings", np.array([[0, 0], [top, bottom], [left, right], [0, 0]], np.int32))
         padded = self.tmp(f"{node.name}/padded", shp, self.scale(x), self.zp(x))
-        self.op(PAD, [t_in, pt], [padded])
+        if fill is None:
+            self.op(PAD, [t_in, pt], [padded])
+        else:
+            cv = self.g.const(f"{node.name}/pad_value", np.array([fill], np.int8), scale=self.scale(x),
+                              zero_point=self.zp(x))
+            self.op(PADV2, [t_in, pt, cv], [padded])
         return padded, PAD_VALID
 
     def op_dense(self, node: QNode, shapes) -> None:
@@ -606,7 +616,10 @@ class _Exporter:
         kernel, strides = list(a["kernel"]), list(a.get("strides", a["kernel"]))
         pads = list(a.get("pads", [0, 0, 0, 0]))
         t_in = self.act(x, shapes[x])
-        padding = self._padding(node, t_in, x, shapes[x], kernel, strides, (1, 1), pads, fill_min=True)
+        padding = self._padding(node, t_in, x, shapes[x], kernel, strides, (1, 1), pads,
+                                fill=-128 if code == MAX_POOL_2D else None)
+        if isinstance(padding, tuple):
+            t_in, padding = padding
         t_out, act, extra = self.out_or_pre(node, shapes[out])
         self.op(code, [t_in], [t_out], ("Pool2DOptions", {
             "Padding": padding, "StrideW": strides[1], "StrideH": strides[0], "FilterWidth": kernel[1],

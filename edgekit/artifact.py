@@ -68,7 +68,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
                 raise ArtifactError(f"{path}: manifest.json is missing")
             m = json.loads(f.read())
     except (tarfile.TarError, KeyError, json.JSONDecodeError, OSError) as exc:
-        raise ArtifactError(f"{path}: not a readable edgekit artifact ({exc}); rebuild it with `edgekit compile`") from exc
+        raise ArtifactError(
+            f"{path}: not a readable edgekit artifact ({exc}); rebuild it with `edgekit compile`"
+        ) from exc
     if m.get("format") != ARTIFACT_FORMAT or m.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(f"{path}: unsupported artifact format {m.get('format')!r} version {m.get('version')!r}")
     return m
@@ -81,7 +83,12 @@ def unpack_artifact(path: str | Path, dest: str | Path) -> dict[str, Any]:
     with tarfile.open(path) as tar:
         names = set(m["files"]) | {"manifest.json"}
         for member in tar.getmembers():
-            if member.name not in names or not member.isfile() or Path(member.name).is_absolute() or ".." in member.name:
+            if (
+                member.name not in names
+                or not member.isfile()
+                or Path(member.name).is_absolute()
+                or ".." in member.name
+            ):
                 raise ArtifactError(f"{path}: unexpected member {member.name!r}")
         tar.extractall(dest, filter="data")
     for name, digest in m["files"].items():

@@ -52,8 +52,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     src = Path(args.model)
     if src.suffix.lower() == ".gguf" or args.scheme in ("mobilequant", "rtn", "smoothquant"):
         llm = importlib.import_module("edgekit.llm")
-        summary = llm.export_lm(str(src), scheme=args.scheme, weight_bits=int(args.weight_bits),
-                                act_bits=args.act_bits, calib_text=args.calib_text, out=args.output)
+        summary = llm.export_lm(
+            str(src),
+            scheme=args.scheme,
+            weight_bits=int(args.weight_bits),
+            act_bits=args.act_bits,
+            calib_text=args.calib_text,
+            out=args.output,
+        )
         _print_json(summary) if args.json else print(f"wrote {args.output}")
         return 0
     if args.scheme != "dyadic":
@@ -68,8 +74,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     else:
         from edgekit.quant.dyadic import quantize_model
 
-        qm = quantize_model(src, calib, weight_bits=int(args.weight_bits), observer=args.observer,
-                            progress=not args.json)
+        qm = quantize_model(
+            src, calib, weight_bits=int(args.weight_bits), observer=args.observer, progress=not args.json
+        )
         report = {}
     out = Path(args.output)
     fmt = args.format or ("ekq" if out.suffix in (".ekq", "") else out.suffix.lstrip("."))
@@ -123,8 +130,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     outs, qm = _model_outputs(path, x)
     seconds = time.perf_counter() - t0
     first = next(iter(outs.values()))
-    result: dict[str, Any] = {"model": str(path), "n": int(len(x)), "seconds": round(seconds, 3),
-                              "ms_per_sample": round(1000 * seconds / max(len(x), 1), 4)}
+    result: dict[str, Any] = {
+        "model": str(path),
+        "n": int(len(x)),
+        "seconds": round(seconds, 3),
+        "ms_per_sample": round(1000 * seconds / max(len(x), 1), 4),
+    }
     if "y" in data:
         y = data["y"][: len(x)]
         result["top1"] = float((first.argmax(-1) == y).mean())
@@ -156,8 +167,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 # ---- inspect --------------------------------------------------------------------------
-INTEGER_OPS = {"conv2d", "dense", "add", "mul", "requantize", "maxpool", "avgpool", "concat", "pad",
-               "reshape", "transpose", "lut", "clamp"}
+INTEGER_OPS = {
+    "conv2d",
+    "dense",
+    "add",
+    "mul",
+    "requantize",
+    "maxpool",
+    "avgpool",
+    "concat",
+    "pad",
+    "reshape",
+    "transpose",
+    "lut",
+    "clamp",
+}
 
 
 def integer_only(qm) -> bool:
@@ -179,7 +203,8 @@ def inspect_model(qm) -> dict[str, Any]:
     bops = 0
     for n in qm.nodes:
         entry: dict[str, Any] = {
-            "name": n.name, "op": n.op,
+            "name": n.name,
+            "op": n.op,
             "input_dtypes": [qm.tensors[t].dtype for t in n.inputs],
             "output_dtype": qm.tensors[n.outputs[0]].dtype,
             "output_scale": qm.tensors[n.outputs[0]].scale,
@@ -189,18 +214,30 @@ def inspect_model(qm) -> dict[str, Any]:
             bits = n.attrs["weight_bits"]
             m = qm.constants[n.params["multiplier"]]
             s = qm.constants[n.params["shift"]]
-            entry.update({"weight_bits": bits, "activation_bits": 8, "acc_bound": n.attrs.get("acc_bound"),
-                          "weight_shape": list(qm.constants[n.params["weight"]].shape),
-                          "dyadic": [[int(b), int(31 - c)] for b, c in zip(m, s, strict=True)],
-                          "macs": n.attrs.get("macs")})
+            entry.update(
+                {
+                    "weight_bits": bits,
+                    "activation_bits": 8,
+                    "acc_bound": n.attrs.get("acc_bound"),
+                    "weight_shape": list(qm.constants[n.params["weight"]].shape),
+                    "dyadic": [[int(b), int(31 - c)] for b, c in zip(m, s, strict=True)],
+                    "macs": n.attrs.get("macs"),
+                }
+            )
             bops += int(n.attrs.get("macs", 0)) * bits * 8
         elif "multiplier" in n.attrs:
             entry["dyadic"] = [[int(n.attrs["multiplier"]), int(31 - n.attrs["shift"])]]
         layers.append(entry)
-    return {"name": qm.name, "inputs": [t.to_json() for t in qm.input_infos],
-            "outputs": [{**qm.tensors[o.name].to_json(), "epilogue": o.epilogue} for o in qm.outputs],
-            "layers": layers, "weight_bytes": qm.weight_bytes(), "bops": bops, "integer_only": integer_only(qm),
-            "provenance": qm.provenance}
+    return {
+        "name": qm.name,
+        "inputs": [t.to_json() for t in qm.input_infos],
+        "outputs": [{**qm.tensors[o.name].to_json(), "epilogue": o.epilogue} for o in qm.outputs],
+        "layers": layers,
+        "weight_bytes": qm.weight_bytes(),
+        "bops": bops,
+        "integer_only": integer_only(qm),
+        "provenance": qm.provenance,
+    }
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -213,15 +250,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{info['name']}: {info['weight_bytes']:.0f} weight bytes, {info['bops'] / 1e9:.3f} GBOPs, "
-                    f"integer-only: {info['integer_only']}")
+    t = Table(
+        title=f"{info['name']}: {info['weight_bytes']:.0f} weight bytes, {info['bops'] / 1e9:.3f} GBOPs, "
+        f"integer-only: {info['integer_only']}"
+    )
     for col in ("layer", "op", "bits", "out scale / zp", "dyadic b/2^c (first channel)"):
         t.add_column(col)
     for layer in info["layers"]:
         dy = layer.get("dyadic")
-        t.add_row(layer["name"][-48:], layer["op"], str(layer.get("weight_bits", "")),
-                  f"{layer['output_scale']:.4g} / {layer['output_zero_point']}" if layer["output_scale"] else "",
-                  f"{dy[0][0]}/2^{dy[0][1]}" if dy else "")
+        t.add_row(
+            layer["name"][-48:],
+            layer["op"],
+            str(layer.get("weight_bits", "")),
+            f"{layer['output_scale']:.4g} / {layer['output_zero_point']}" if layer["output_scale"] else "",
+            f"{dy[0][0]}/2^{dy[0][1]}" if dy else "",
+        )
     Console().print(t)
     return 0
 

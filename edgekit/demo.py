@@ -20,8 +20,11 @@ from edgekit.qmodel import QuantModel
 
 
 def shared_data_dir() -> Path | None:
-    candidates = [os.environ.get("EDGEKIT_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data",
-                  Path.cwd().parent / "shared" / "data"]
+    candidates = [
+        os.environ.get("EDGEKIT_DATA"),
+        Path(__file__).resolve().parents[2] / "shared" / "data",
+        Path.cwd().parent / "shared" / "data",
+    ]
     for c in candidates:
         if c and (Path(c) / "resnet8_cifar10_fp32.onnx").exists():
             return Path(c)
@@ -44,11 +47,21 @@ def default_problem(workdir: Path, quick: bool) -> dict[str, Any]:
     if data is not None:
         test = np.load(data / "cifar10_test.npz")
         n = 1000 if quick else 10000
-        return {"model": data / "resnet8_cifar10_fp32.onnx", "calib": np.load(data / "cifar10_calib_train1000.npz")["x"],
-                "x": test["x"][:n], "y": test["y"][:n], "label": "ResNet-8 on CIFAR-10 (shared/data)"}
+        return {
+            "model": data / "resnet8_cifar10_fp32.onnx",
+            "calib": np.load(data / "cifar10_calib_train1000.npz")["x"],
+            "x": test["x"][:n],
+            "y": test["y"][:n],
+            "label": "ResNet-8 on CIFAR-10 (shared/data)",
+        }
     path = zoo.tiny_cnn(workdir / "tiny_cnn.onnx")
-    return {"model": path, "calib": zoo.synthetic_images(256, seed=5), "x": zoo.synthetic_images(500 if quick else 2000),
-            "y": None, "label": "generated MobileNet-style CNN on synthetic images"}
+    return {
+        "model": path,
+        "calib": zoo.synthetic_images(256, seed=5),
+        "x": zoo.synthetic_images(500 if quick else 2000),
+        "y": None,
+        "label": "generated MobileNet-style CNN on synthetic images",
+    }
 
 
 def run_demo(workdir: Path, quick: bool = False) -> dict[str, Any]:
@@ -76,17 +89,25 @@ def run_demo(workdir: Path, quick: bool = False) -> dict[str, Any]:
     q4_out = qm4.run(x)[qm4.outputs[0].name]
 
     result: dict[str, Any] = {
-        "model": str(prob["model"]), "n": int(len(x)), "quantize_seconds": round(quant_s, 2),
-        "saved": str(path), "integer_only": integer_only(qm),
+        "model": str(prob["model"]),
+        "n": int(len(x)),
+        "quantize_seconds": round(quant_s, 2),
+        "saved": str(path),
+        "integer_only": integer_only(qm),
         "agreement_with_float_int8": float((q_out.argmax(-1) == float_out.argmax(-1)).mean()),
         "agreement_with_float_int4": float((q4_out.argmax(-1) == float_out.argmax(-1)).mean()),
-        "weight_bytes_int8": qm.weight_bytes(), "weight_bytes_int4": qm4.weight_bytes(),
+        "weight_bytes_int8": qm.weight_bytes(),
+        "weight_bytes_int4": qm4.weight_bytes(),
     }
     if prob["y"] is not None:
         y = prob["y"]
-        result.update({"top1_float": float((float_out.argmax(-1) == y).mean()),
-                       "top1_int8": float((q_out.argmax(-1) == y).mean()),
-                       "top1_int4": float((q4_out.argmax(-1) == y).mean())})
+        result.update(
+            {
+                "top1_float": float((float_out.argmax(-1) == y).mean()),
+                "top1_int8": float((q_out.argmax(-1) == y).mean()),
+                "top1_int4": float((q4_out.argmax(-1) == y).mean()),
+            }
+        )
     one = x[:1]
     result["latency_ms_reference_executor"] = round(_median_ms(lambda: qm.run(one), 20), 3)
     result["latency_ms_onnxruntime_float"] = round(_median_ms(lambda: sess.run(None, {in_name: one}), 200), 3)
@@ -118,5 +139,8 @@ def _compile_stage(qm: QuantModel, workdir: Path, x: np.ndarray, console) -> dic
     name = qm.outputs[0].name
     exact = float((got[name] == ref[name]).all(axis=tuple(range(1, ref[name].ndim))).mean())
     console.print(f"compiled for host in {compile_s:.1f} s; bit-exact fraction {exact:.4f}")
-    return {"compile_seconds_host": round(compile_s, 2), "compiled_bit_exact_fraction": exact,
-            "latency_ms_compiled_host": round(latency_ms, 4)}
+    return {
+        "compile_seconds_host": round(compile_s, 2),
+        "compiled_bit_exact_fraction": exact,
+        "latency_ms_compiled_host": round(latency_ms, 4),
+    }

@@ -268,7 +268,9 @@ def load(path: str | Path) -> QuantModel:
     except ModelFormatError:
         raise
     except (zipfile.BadZipFile, KeyError, ValueError, json.JSONDecodeError, OSError) as exc:
-        raise ModelFormatError(f"{path}: not a readable edgekit model ({exc}); re-export it with `edgekit export`") from exc
+        raise ModelFormatError(
+            f"{path}: not a readable edgekit model ({exc}); re-export it with `edgekit export`"
+        ) from exc
     return QuantModel(
         name=manifest["name"],
         inputs=list(manifest["inputs"]),

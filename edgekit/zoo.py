@@ -32,16 +32,28 @@ class _Net:
         self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
         return out
 
-    def conv_bn(self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1,
-                act: str | None = "relu") -> str:
+    def conv_bn(
+        self, x: str, cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: str | None = "relu"
+    ) -> str:
         fan_in = cin // groups * k * k
         w = self.rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // groups, k, k))
-        y = self.node("Conv", [x, self.const("w", w)], kernel_shape=[k, k], strides=[stride, stride],
-                      pads=[k // 2] * 4, group=groups)
-        bn = [self.const(s, v) for s, v in (("gamma", self.rng.uniform(0.5, 1.5, cout)),
-                                            ("beta", self.rng.normal(0, 0.1, cout)),
-                                            ("mean", self.rng.normal(0, 0.1, cout)),
-                                            ("var", self.rng.uniform(0.5, 1.5, cout)))]
+        y = self.node(
+            "Conv",
+            [x, self.const("w", w)],
+            kernel_shape=[k, k],
+            strides=[stride, stride],
+            pads=[k // 2] * 4,
+            group=groups,
+        )
+        bn = [
+            self.const(s, v)
+            for s, v in (
+                ("gamma", self.rng.uniform(0.5, 1.5, cout)),
+                ("beta", self.rng.normal(0, 0.1, cout)),
+                ("mean", self.rng.normal(0, 0.1, cout)),
+                ("var", self.rng.uniform(0.5, 1.5, cout)),
+            )
+        ]
         y = self.node("BatchNormalization", [y, *bn], epsilon=1e-5)
         if act == "relu":
             y = self.node("Relu", [y])
@@ -52,9 +64,13 @@ class _Net:
         return y
 
     def model(self, x: str, shape: list, out: str, classes: int, name: str) -> onnx.ModelProto:
-        g = helper.make_graph(self.nodes, name,
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])], self.inits)
+        g = helper.make_graph(
+            self.nodes,
+            name,
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])],
+            self.inits,
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 14)], producer_name="edgekit.zoo")
         m.ir_version = IR_VERSION
         onnx.checker.check_model(m)
@@ -91,8 +107,11 @@ def tiny_cnn(path: str | Path, seed: int = 0, size: int = 32, classes: int = 10)
     return Path(path)
 
 
-def mobilenet_v2_like(path: str | Path, seed: int = 0, size: int = 224, classes: int = 1000, width: float = 1.0) -> Path:
+def mobilenet_v2_like(
+    path: str | Path, seed: int = 0, size: int = 224, classes: int = 1000, width: float = 1.0
+) -> Path:
     """A MobileNetV2-shaped network (the real layer shapes, generated weights)."""
+
     def c(ch: int) -> int:
         return max(8, int(ch * width + 4) // 8 * 8)
 
@@ -100,8 +119,15 @@ def mobilenet_v2_like(path: str | Path, seed: int = 0, size: int = 224, classes:
     x = "image"
     y = net.conv_bn(x, 3, c(32), stride=2, act="relu6")
     cin = c(32)
-    for t, ch, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-                        (6, 160, 3, 2), (6, 320, 1, 1)]:
+    for t, ch, n, s in [
+        (1, 16, 1, 1),
+        (6, 24, 2, 2),
+        (6, 32, 3, 2),
+        (6, 64, 4, 2),
+        (6, 96, 3, 1),
+        (6, 160, 3, 2),
+        (6, 320, 1, 1),
+    ]:
         for i in range(n):
             y = _inverted_residual(net, y, cin, c(ch), t, s if i == 0 else 1)
             cin = c(ch)

@@ -147,6 +147,7 @@ def test_exact_int_matmul_float_path_equals_int64_path(monkeypatch):
 
 # ---- anchored to LiteRT itself --------------------------------------------------------
 
+
 def _quant(details, i):
     q = details[i]["quantization_parameters"]
     return q["scales"], q["zero_points"]
@@ -180,8 +181,17 @@ def test_rule_reproduces_litert_builtin_kernels_on_official_int8_resnet8():
     it.allocate_tensors()
     det = {t["index"]: t for t in it.get_tensor_details()}
     x = np.load(DATA / "cifar10_test.npz")["x"][:40]
-    convs = [(22, 0, 8, 3, 1), (23, 22, 9, 4, 1), (24, 23, 10, 17, 1), (26, 25, 11, 5, 2), (27, 26, 12, 18, 1),
-             (28, 25, 13, 19, 2), (30, 29, 14, 6, 2), (31, 30, 15, 20, 1), (32, 29, 16, 21, 2)]
+    convs = [
+        (22, 0, 8, 3, 1),
+        (23, 22, 9, 4, 1),
+        (24, 23, 10, 17, 1),
+        (26, 25, 11, 5, 2),
+        (27, 26, 12, 18, 1),
+        (28, 25, 13, 19, 2),
+        (30, 29, 14, 6, 2),
+        (31, 30, 15, 20, 1),
+        (32, 29, 16, 21, 2),
+    ]
     checked = 0
     for img in x:
         it.set_tensor(it.get_input_details()[0]["index"], (img[None].astype(np.int32) - 128).astype(np.int8))
@@ -192,8 +202,10 @@ def test_rule_reproduces_litert_builtin_kernels_on_official_int8_resnet8():
             sw, _ = _quant(det, w)
             so, zo = _quant(det, out)
             acc = _conv_nhwc_same(t(inp), int(zi[0]), t(w), t(b), stride)
-            mult, shift = zip(*(arith.quantize_multiplier(float(np.float64(si[0]) * np.float64(s) / np.float64(so[0])))
-                                for s in sw), strict=True)
+            mult, shift = zip(
+                *(arith.quantize_multiplier(float(np.float64(si[0]) * np.float64(s) / np.float64(so[0]))) for s in sw),
+                strict=True,
+            )
             y = np.clip(arith.requantize(acc, np.array(mult), np.array(shift)) + zo[0], -128, 127)
             assert np.array_equal(y, t(out)), f"conv output tensor {out}"
             checked += y.size
@@ -206,7 +218,8 @@ def test_rule_reproduces_litert_builtin_kernels_on_official_int8_resnet8():
             mb, eb = arith.quantize_multiplier(float(np.float64(sb) / twice))
             mo, eo = arith.quantize_multiplier(float(twice / ((1 << 20) * np.float64(so))))
             s = arith.requantize((t(a).astype(np.int64) - za) << 20, ma, ea) + arith.requantize(
-                (t(b).astype(np.int64) - zb) << 20, mb, eb)
+                (t(b).astype(np.int64) - zb) << 20, mb, eb
+            )
             y = np.clip(arith.requantize(s, mo, eo) + zo, -128, 127)
             assert np.array_equal(y, t(o)), f"add output tensor {o}"
             checked += y.size

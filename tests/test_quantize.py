@@ -77,10 +77,13 @@ def test_input_of_raw_pixels_quantizes_exactly(resnet8_int8):
 def test_accumulator_overflow_is_refused(tmp_path):
     k = 140_000  # 140k products of up to 128 * 127 (inputs in [-1, 1] get zero point ~0) exceed 2^31
     w = np.ones((k, 2), np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="huge_dense")], "big",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
-                          [numpy_helper.from_array(w, "w")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="huge_dense")],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [numpy_helper.from_array(w, "w")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
     m.ir_version = 8
     onnx.save(m, str(tmp_path / "big.onnx"))
@@ -158,16 +161,30 @@ def test_inspect_reports_layers_bits_dyadic_and_totals(resnet8_int4):
 
 
 def _cli(*args, timeout=600):
-    r = subprocess.run([sys.executable, "-m", "edgekit.cli", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgekit.cli", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout
 
 
 def test_cli_export_eval_run_inspect(tmp_path, cifar_test):
     out = tmp_path / "r8.ekq"
-    summary = json.loads(_cli("export", RESNET8, "--calib", DATA / "cifar10_calib_train1000.npz", "--scheme",
-                              "dyadic", "--weight-bits", "8", "-o", out, "--json"))
+    summary = json.loads(
+        _cli(
+            "export",
+            RESNET8,
+            "--calib",
+            DATA / "cifar10_calib_train1000.npz",
+            "--scheme",
+            "dyadic",
+            "--weight-bits",
+            "8",
+            "-o",
+            out,
+            "--json",
+        )
+    )
     assert out.exists() and summary["weight_bytes"] > 0
     x, y = cifar_test
     np.savez(tmp_path / "d.npz", x=x[:300], y=y[:300])

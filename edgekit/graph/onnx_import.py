@@ -146,12 +146,18 @@ class _Importer:
     def _fold(self, node: onnx.NodeProto, ins: list[str]) -> None:
         from onnx.reference import ReferenceEvaluator
 
-        inputs = [helper.make_tensor_value_info(i or f"__empty{k}", onnx.TensorProto.UNDEFINED, None)
-                  for k, i in enumerate(ins)]
+        inputs = [
+            helper.make_tensor_value_info(i or f"__empty{k}", onnx.TensorProto.UNDEFINED, None)
+            for k, i in enumerate(ins)
+        ]
         renamed = helper.make_node(node.op_type, [i for i in ins], list(node.output), domain=node.domain)
         renamed.attribute.extend(node.attribute)
-        g = helper.make_graph([renamed], "fold", [v for v in inputs if not v.name.startswith("__empty")],
-                              [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output])
+        g = helper.make_graph(
+            [renamed],
+            "fold",
+            [v for v in inputs if not v.name.startswith("__empty")],
+            [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output],
+        )
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
         feeds = {i: self.consts[i] for i in ins if i}
         outs = ReferenceEvaluator(m).run(None, feeds)
@@ -182,10 +188,18 @@ class _Importer:
         strides = list(attrs.get("strides", [1, 1]))
         dil = list(attrs.get("dilations", [1, 1]))
         pads = self._pads(ins[0], attrs, (kh, kw), strides, dil)
-        self.nhwc(ins[0], label, "conv2d", node.output[0],
-                  weight=np.ascontiguousarray(w.transpose(0, 2, 3, 1)).astype(np.float32),
-                  bias=np.asarray(b, np.float32), strides=strides, dilations=dil, pads=pads,
-                  groups=int(attrs.get("group", 1)))
+        self.nhwc(
+            ins[0],
+            label,
+            "conv2d",
+            node.output[0],
+            weight=np.ascontiguousarray(w.transpose(0, 2, 3, 1)).astype(np.float32),
+            bias=np.asarray(b, np.float32),
+            strides=strides,
+            dilations=dil,
+            pads=pads,
+            groups=int(attrs.get("group", 1)),
+        )
 
     def _pads(self, x: str, attrs, kernel, strides, dil) -> list[int]:
         auto = attrs.get("auto_pad", b"NOTSET")
@@ -223,8 +237,14 @@ class _Importer:
         x = ins[0]
         if op == "avgpool" and attrs.get("count_include_pad", 0) and any(pads):
             padded = self.graph.fresh(x + ":padded")
-            self.emit("pad", [x], padded, label + ":pad",
-                      pads=[[0, 0], [0, 0], [pads[0], pads[2]], [pads[1], pads[3]]], value=0.0)
+            self.emit(
+                "pad",
+                [x],
+                padded,
+                label + ":pad",
+                pads=[[0, 0], [0, 0], [pads[0], pads[2]], [pads[1], pads[3]]],
+                value=0.0,
+            )
             x, pads = padded, [0, 0, 0, 0]
         self.nhwc(x, label, op, node.output[0], kernel=kernel, strides=strides, pads=pads)
 
@@ -253,16 +273,32 @@ class _Importer:
         c = self.const(ins[2]) if len(ins) > 2 and ins[2] else None
         if len(ins) > 2 and ins[2] and c is None:
             raise _Unsupported("C is not constant")
-        bias = np.zeros(w.shape[0], np.float32) if c is None else np.broadcast_to(c * attrs.get("beta", 1.0), (w.shape[0],))
-        self.emit("dense", [ins[0]], node.output[0], label, weight=np.ascontiguousarray(w, np.float32),
-                  bias=np.array(bias, np.float32))
+        bias = (
+            np.zeros(w.shape[0], np.float32)
+            if c is None
+            else np.broadcast_to(c * attrs.get("beta", 1.0), (w.shape[0],))
+        )
+        self.emit(
+            "dense",
+            [ins[0]],
+            node.output[0],
+            label,
+            weight=np.ascontiguousarray(w, np.float32),
+            bias=np.array(bias, np.float32),
+        )
 
     def op_MatMul(self, node, ins, attrs, label):
         w = self.const(ins[1])
         if w is None or w.ndim != 2:
             raise _Unsupported("the second operand must be a constant matrix")
-        self.emit("dense", [ins[0]], node.output[0], label, weight=np.ascontiguousarray(w.T, np.float32),
-                  bias=np.zeros(w.shape[1], np.float32))
+        self.emit(
+            "dense",
+            [ins[0]],
+            node.output[0],
+            label,
+            weight=np.ascontiguousarray(w.T, np.float32),
+            bias=np.zeros(w.shape[1], np.float32),
+        )
 
     def _binary(self, node, ins, label, op):
         a, b = ins
@@ -340,8 +376,16 @@ class _Importer:
         self.emit("reshape", [x], node.output[0], label, shape=[None] + list(out[1:]))
 
     def op_Reshape(self, node, ins, attrs, label):
-        if self.const(ins[1]) is None:
+        target = self.const(ins[1])
+        if target is None:
             raise _Unsupported("the shape is not constant")
+        out = self.shapes.get(node.output[0])
+        src = self.shapes.get(ins[0])
+        if (out is None or None in out[1:]) and src is not None and None not in src[1:]:
+            # the target came from folded constants, which ONNX shape inference could not see
+            dims = [src[i] if int(t) == 0 else int(t) for i, t in enumerate(target)]
+            resolved = np.empty([1] + list(src[1:]), np.uint8).reshape([1 if i == 0 else d for i, d in enumerate(dims)])
+            self.shapes[node.output[0]] = [None] + list(resolved.shape[1:])
         self._reshape_to(node, ins[0], label)
 
     op_Flatten = op_Squeeze = op_Unsqueeze = lambda self, node, ins, attrs, label: self._reshape_to(node, ins[0], label)
@@ -362,8 +406,14 @@ class _Importer:
             raise _Unsupported("the axes input")
         value = float(self.const(ins[2])) if len(ins) > 2 and ins[2] else float(attrs.get("value", 0.0))
         r = len(pads) // 2
-        self.emit("pad", [ins[0]], node.output[0], label,
-                  pads=[[int(pads[i]), int(pads[i + r])] for i in range(r)], value=value)
+        self.emit(
+            "pad",
+            [ins[0]],
+            node.output[0],
+            label,
+            pads=[[int(pads[i]), int(pads[i + r])] for i in range(r)],
+            value=value,
+        )
 
     def op_BatchNormalization(self, node, ins, attrs, label):
         scale, bias, mean, var = (self.const(i) for i in ins[1:5])

@@ -174,7 +174,7 @@ def fold_affine(graph: Graph) -> None:
             if v is None:
                 continue
             if c.op == "mul":
-                p.attrs["weight"] = (p.attrs["weight"] * v.reshape((-1,) + (1,) * (p.attrs["weight"].ndim - 1)))
+                p.attrs["weight"] = p.attrs["weight"] * v.reshape((-1,) + (1,) * (p.attrs["weight"].ndim - 1))
                 p.attrs["bias"] = p.attrs["bias"] * v
             else:
                 p.attrs["bias"] = p.attrs["bias"] + v

@@ -101,6 +101,7 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
 
 # ---- division-free exact integer division, for average pooling ------------------------
 
+
 def division_magic(n: int, max_dividend: int) -> tuple[int, int]:
     """(b, k) such that (t * b) >> k == t // n for every 0 <= t <= max_dividend.
 

@@ -97,14 +97,17 @@ class _Progress:
 def _check_shapes(graph: Graph, feed: dict[str, np.ndarray]) -> None:
     for name, arr in feed.items():
         want = graph.input_shapes.get(name)
-        if want and (arr.ndim != len(want) or any(w is not None and w != a for w, a in zip(want, arr.shape, strict=False))):
+        if want and (
+            arr.ndim != len(want) or any(w is not None and w != a for w, a in zip(want, arr.shape, strict=False))
+        ):
             raise CalibrationError(
                 f"calibration input {name!r} has shape {list(arr.shape)}, the model expects {want} (None = batch)"
             )
 
 
-def collect(graph: Graph, calib, observer: str = "minmax", progress: bool = True,
-            max_samples: int | None = None) -> dict[str, TensorStats]:
+def collect(
+    graph: Graph, calib, observer: str = "minmax", progress: bool = True, max_samples: int | None = None
+) -> dict[str, TensorStats]:
     """Statistics of every tensor of ``graph`` over the calibration data."""
     if observer not in OBSERVERS:
         raise CalibrationError(f"unknown observer {observer!r}; choose one of {OBSERVERS}")

@@ -64,8 +64,15 @@ def quantize_weights(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Builder:
-    def __init__(self, graph: Graph, stats: dict[str, TensorStats], observer: str,
-                 bits: dict[str, int], bias_correction: bool, percentile: float):
+    def __init__(
+        self,
+        graph: Graph,
+        stats: dict[str, TensorStats],
+        observer: str,
+        bits: dict[str, int],
+        bias_correction: bool,
+        percentile: float,
+    ):
         self.g = graph
         self.stats = stats
         self.observer = observer
@@ -161,8 +168,10 @@ class _Builder:
         qb = arith.round_half_away(b / bias_scale.astype(np.float64))
         if np.abs(qb).max(initial=0) >= 2**31:
             raise QuantizationError(f"layer {node.name!r}: bias does not fit int32 at scale s_in*s_w")
-        mult, shift = zip(*(arith.quantize_multiplier(float(np.float64(sin) * np.float64(s) / np.float64(out.scale)))
-                            for s in sw), strict=True)
+        mult, shift = zip(
+            *(arith.quantize_multiplier(float(np.float64(sin) * np.float64(s) / np.float64(out.scale))) for s in sw),
+            strict=True,
+        )
         max_x = max(127 - x.zero_point, x.zero_point + 128)
         bound = int((np.abs(qw.reshape(qw.shape[0], -1).astype(np.int64)).sum(axis=1) * max_x + np.abs(qb)).max())
         if bound >= 2**31:
@@ -172,18 +181,31 @@ class _Builder:
             )
         amin, amax = self.act_range(node, out)
         attrs: dict[str, Any] = {
-            "weight_bits": bits, "act_min": amin, "act_max": amax, "acc_bound": bound,
-            "macs": self._macs(node), "weight_scale": [float(s) for s in sw],
+            "weight_bits": bits,
+            "act_min": amin,
+            "act_max": amax,
+            "acc_bound": bound,
+            "macs": self._macs(node),
+            "weight_scale": [float(s) for s in sw],
         }
         if op == "conv2d":
             for k in ("strides", "dilations", "pads", "groups"):
                 attrs[k] = node.attrs[k]
-        self.nodes.append(QNode(op, node.name, [x.name], [out.name], attrs, {
-            "weight": self.param(node.name, "weight", qw, bits),
-            "bias": self.param(node.name, "bias", qb.astype(np.int32)),
-            "multiplier": self.param(node.name, "multiplier", np.array(mult, np.int32)),
-            "shift": self.param(node.name, "shift", np.array(shift, np.int32)),
-        }))
+        self.nodes.append(
+            QNode(
+                op,
+                node.name,
+                [x.name],
+                [out.name],
+                attrs,
+                {
+                    "weight": self.param(node.name, "weight", qw, bits),
+                    "bias": self.param(node.name, "bias", qb.astype(np.int32)),
+                    "multiplier": self.param(node.name, "multiplier", np.array(mult, np.int32)),
+                    "shift": self.param(node.name, "shift", np.array(shift, np.int32)),
+                },
+            )
+        )
 
     def _macs(self, node: Node) -> int:
         out = self.shapes[node.outputs[0]]
@@ -221,19 +243,44 @@ class _Builder:
         twice_max = np.float64(np.float32(2 * max(np.float32(a.scale), np.float32(b.scale))))
         ma, sa = arith.quantize_multiplier(float(np.float64(np.float32(a.scale)) / twice_max))
         mb, sb = arith.quantize_multiplier(float(np.float64(np.float32(b.scale)) / twice_max))
-        mo, so = arith.quantize_multiplier(float(twice_max / np.float64(np.float32((1 << left_shift) * np.float32(out.scale)))))
+        mo, so = arith.quantize_multiplier(
+            float(twice_max / np.float64(np.float32((1 << left_shift) * np.float32(out.scale))))
+        )
         amin, amax = self.act_range(node, out)
-        self.nodes.append(QNode("add", node.name, [a.name, b.name], [out.name], {
-            "left_shift": left_shift, "multiplier_a": ma, "shift_a": sa, "multiplier_b": mb, "shift_b": sb,
-            "multiplier": mo, "shift": so, "act_min": amin, "act_max": amax}))
+        self.nodes.append(
+            QNode(
+                "add",
+                node.name,
+                [a.name, b.name],
+                [out.name],
+                {
+                    "left_shift": left_shift,
+                    "multiplier_a": ma,
+                    "shift_a": sa,
+                    "multiplier_b": mb,
+                    "shift_b": sb,
+                    "multiplier": mo,
+                    "shift": so,
+                    "act_min": amin,
+                    "act_max": amax,
+                },
+            )
+        )
 
     def q_mul(self, node: Node) -> None:
         a, b = self._operand(node, 0), self._operand(node, 1)
         out = self.define_from_stats(node.outputs[0])
         m, s = arith.quantize_multiplier(float(np.float64(a.scale) * np.float64(b.scale) / np.float64(out.scale)))
         amin, amax = self.act_range(node, out)
-        self.nodes.append(QNode("mul", node.name, [a.name, b.name], [out.name],
-                                {"multiplier": m, "shift": s, "act_min": amin, "act_max": amax}))
+        self.nodes.append(
+            QNode(
+                "mul",
+                node.name,
+                [a.name, b.name],
+                [out.name],
+                {"multiplier": m, "shift": s, "act_min": amin, "act_max": amax},
+            )
+        )
 
     def _same(self, node: Node, op: str, attrs: dict[str, Any]) -> None:
         x = self.tensors[self.t(node.inputs[0])]
@@ -276,8 +323,16 @@ class _Builder:
         real = ((q - x.zero_point).astype(np.float32) * np.float32(x.scale)).astype(np.float32)
         y = fn(real).astype(np.float32)
         table = np.clip(arith.round_half_away(y / np.float32(out.scale)) + out.zero_point, -128, 127).astype(np.int8)
-        self.nodes.append(QNode("lut", node.name, [x.name], [out.name], {"function": node.op},
-                                {"table": self.param(node.name, "table", table)}))
+        self.nodes.append(
+            QNode(
+                "lut",
+                node.name,
+                [x.name],
+                [out.name],
+                {"function": node.op},
+                {"table": self.param(node.name, "table", table)},
+            )
+        )
 
     def q_sigmoid(self, node: Node) -> None:
         self._lut(node, sigmoid, self.define(node.outputs[0], SIGMOID_SCALE, SIGMOID_ZP))
@@ -297,8 +352,15 @@ class _Builder:
                 m, s = arith.quantize_multiplier(float(np.float64(x.scale) / np.float64(out.scale)))
                 mults.append(m)
                 shifts.append(s)
-        self.nodes.append(QNode("concat", node.name, [x.name for x in ins], [out.name],
-                                {"axis": node.attrs["axis"], "multipliers": mults, "shifts": shifts}))
+        self.nodes.append(
+            QNode(
+                "concat",
+                node.name,
+                [x.name for x in ins],
+                [out.name],
+                {"axis": node.attrs["axis"], "multipliers": mults, "shifts": shifts},
+            )
+        )
 
     def q_softmax(self, node: Node) -> None:
         if node.outputs[0] not in self.g.outputs:
@@ -317,9 +379,18 @@ def _rename_tensor(qm_nodes: list[QNode], tensors: dict[str, TensorInfo], old: s
     tensors[new] = info
 
 
-def quantize_graph(graph: Graph, calib, *, weight_bits: int | dict[str, int] = 8, observer: str = "minmax",
-                   bias_correction: bool | None = None, percentile: float = 99.99, progress: bool = True,
-                   max_calib_samples: int | None = None, stats: dict[str, TensorStats] | None = None) -> QuantModel:
+def quantize_graph(
+    graph: Graph,
+    calib,
+    *,
+    weight_bits: int | dict[str, int] = 8,
+    observer: str = "minmax",
+    bias_correction: bool | None = None,
+    percentile: float = 99.99,
+    progress: bool = True,
+    max_calib_samples: int | None = None,
+    stats: dict[str, TensorStats] | None = None,
+) -> QuantModel:
     """Quantize a float IR graph; ``weight_bits`` is 8, 4, or {layer name: bits} ("*" = default)."""
     bits = {"*": weight_bits} if isinstance(weight_bits, int) else dict(weight_bits)
     for layer, b in bits.items():
@@ -345,7 +416,8 @@ def quantize_graph(graph: Graph, calib, *, weight_bits: int | dict[str, int] = 8
             outputs.append(OutputSpec(name, ["dequantize"]))
     calibration = {
         t: {"min": s.min, "max": s.max, "range": list(b.ranges.get(b.t(t), (s.min, s.max)))}
-        for t, s in stats.items() if b.t(t) in b.tensors
+        for t, s in stats.items()
+        if b.t(t) in b.tensors
     }
     from edgekit import __version__
 
@@ -354,14 +426,26 @@ def quantize_graph(graph: Graph, calib, *, weight_bits: int | dict[str, int] = 8
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "scheme": "dyadic",
         "source": graph.source,
-        "options": {"weight_bits": bits, "observer": observer, "bias_correction": bias_correction,
-                    "percentile": percentile},
+        "options": {
+            "weight_bits": bits,
+            "observer": observer,
+            "bias_correction": bias_correction,
+            "percentile": percentile,
+        },
         "calibration_samples": max((st.samples for st in stats.values()), default=0),
         "host": platform.platform(),
     }
-    return QuantModel(name=graph.name, inputs=list(graph.inputs), outputs=outputs, tensors=b.tensors,
-                      nodes=b.nodes, constants=b.constants, calibration=calibration, provenance=provenance,
-                      constant_bits=b.constant_bits)
+    return QuantModel(
+        name=graph.name,
+        inputs=list(graph.inputs),
+        outputs=outputs,
+        tensors=b.tensors,
+        nodes=b.nodes,
+        constants=b.constants,
+        calibration=calibration,
+        provenance=provenance,
+        constant_bits=b.constant_bits,
+    )
 
 
 def quantize_model(model: str | Path | Graph, calib, **options) -> QuantModel:

@@ -98,3 +98,22 @@ def test_export_model_dispatch(tmp_path):
 
     with pytest.raises(EdgekitError, match="unknown export format"):
         export_model(qm, "coreml", tmp_path / "m.x")
+
+
+def test_cli_bundle_and_export_target(tmp_path, capsys):
+    import shutil
+
+    from edgekit.cli import main
+    from tests.export_helpers import tiny_resnet
+
+    qm = tiny_resnet()
+    qm.save(tmp_path / "m.ekq")
+    assert main(["bundle", str(tmp_path / "m.ekq"), "-o", str(tmp_path / "b"), "--labels", "cifar10",
+                 "--runtime", "litert", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "b" / "litert" / "metadata.json").exists() and list(res["bundles"]) == ["litert"]
+    assert main(["bundle", str(tmp_path / "m.ekq"), "-o", str(tmp_path / "c"), "--runtime", "coreml"]) == 2
+    assert "unknown runtime" in capsys.readouterr().err
+    if shutil.which("vela"):
+        res = export_model(qm, "tflite", tmp_path / "m_vela.tflite", target="ethos-u55-64")
+        assert res["vela"]["target"] == "ethos-u55-64" and (tmp_path / "m_vela.tflite").exists()

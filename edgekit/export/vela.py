@@ -285,6 +285,8 @@ def export_vela(qm: Any, out: str | Path, target: str = "ethos-u55-128", **optio
     from edgekit.export.tflite import export_tflite
 
     out = Path(out)
+    if out.suffix and out.suffix != ".tflite":  # e.g. model.ekq given with --target: write model_vela.tflite
+        out = out.with_name(f"{out.stem}_vela.tflite")
     folder = out.parent if out.suffix == ".tflite" else out
     folder.mkdir(parents=True, exist_ok=True)
     stem = out.stem.removesuffix("_vela") if out.suffix == ".tflite" else qm.name

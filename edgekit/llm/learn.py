@@ -23,7 +23,7 @@ CLIP_INIT = 4.0
 
 
 def learn(model: LlamaModel, init: QParams, scheme: Scheme, batches: np.ndarray, *, steps: int = 100,
-          lr: float = 5e-3, batch_size: int = 1, time_budget_s: float | None = None, seed: int = 0,
+          lr: float = 2e-2, batch_size: int = 1, time_budget_s: float | None = None, seed: int = 0,
           chmax: Observer | None = None, log: Any = None, learn_shifts: bool = True) -> tuple[QParams, dict]:
     """Learn ``QParams`` end to end; returns them (numpy) and a history dict (loss per step, seconds)."""
     import torch
@@ -86,6 +86,8 @@ def learn(model: LlamaModel, init: QParams, scheme: Scheme, batches: np.ndarray,
         return QParams(layers, ranges, gr)
 
     opt = torch.optim.Adam([{"params": params, "lr": lr}, {"params": clip_params, "lr": lr * 2}])
+    # cosine decay to 10% over the planned steps (or over the time budget, whichever ends first)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.1 + 0.45 * (1 + np.cos(np.pi * min(k / steps, 1.0))))
     with torch.no_grad():
         targets = [sim_forward(lmodel, None, scheme, T(row[None]), ops=ops, quant=False) for row in batches]
     rng = np.random.default_rng(seed)
@@ -100,10 +102,11 @@ def learn(model: LlamaModel, init: QParams, scheme: Scheme, batches: np.ndarray,
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         hist["loss"].append(float(loss.detach()))
         hist["steps"] = step + 1
         if log and (step % 10 == 0 or step == steps - 1):
-            log(f"learn step {step}: relative mse {float(loss):.5f} ({time.time() - t0:.0f}s)")
+            log(f"learn step {step}: relative mse {hist['loss'][-1]:.5f} ({time.time() - t0:.0f}s)")
         if time_budget_s is not None and time.time() - t0 > time_budget_s:
             break
     hist["seconds"] = time.time() - t0

@@ -193,8 +193,12 @@ def test_export_and_eval_api(tiny, tmp_path):
     (tmp_path / "calib.txt").write_text(text[::-1])
     (tmp_path / "eval.txt").write_text(text)
     rep = export_lm(tmp_path / "m", "smoothquant", 8, 8, tmp_path / "calib.txt", tmp_path / "lm.ekq", seq_len=64,
-                    n_seqs=4)
+                    n_seqs=4, onnx=tmp_path / "lm.onnx", onnx_max_len=128)
     assert rep["format"] == "edgekit.lm" and rep["calib_tokens"] == 256
+    assert Path(rep["onnx"]).exists()
+    import edgekit.llm as llm
+
+    assert llm.load_lm(tmp_path / "lm.ekq").meta["scheme"] == "smoothquant"
     f = eval_lm(tmp_path / "m", tmp_path / "eval.txt", tokens=200, window=100)
     q = eval_lm(tmp_path / "lm.ekq", tmp_path / "eval.txt", tokens=200, window=100)
     assert f["tokens"] == q["tokens"] == 200 and f["predicted"] == 198

@@ -113,7 +113,9 @@ def export_lm(model_path: str | Path, scheme: str, weight_bits: int, act_bits: i
     """Quantize a GGUF / safetensors Llama and write it as ``.ekq`` (``format: "edgekit.lm"``).
 
     ``opts``: act16 (tensor names kept 16-bit), seq_len, n_seqs, steps, time_budget_s, lr, log (a callable),
-    max_calib_tokens."""
+    max_calib_tokens, onnx (also write an ONNX QDQ file there), onnx_max_len."""
+    onnx_out = opts.pop("onnx", None)
+    onnx_max_len = int(opts.pop("onnx_max_len", 512))
     model = load_model(model_path)
     ids = tokenize(model.tokenizer, _read_text(calib_text))
     if opts.get("max_calib_tokens"):
@@ -122,6 +124,10 @@ def export_lm(model_path: str | Path, scheme: str, weight_bits: int, act_bits: i
     qm, report = quantize_lm(model, scheme, ids, weight_bits=weight_bits, act_bits=act_bits, **opts)
     path = qm.save(out)
     report.update({"out": str(path), "weight_bytes": qm.weight_bytes(), "format": "edgekit.lm"})
+    if onnx_out:
+        from edgekit.llm.onnx_export import export_onnx
+
+        report["onnx"] = str(export_onnx(qm, onnx_out, max_len=onnx_max_len))
     return report
 
 

@@ -131,6 +131,15 @@ def test_onnx_qdq_export_matches_simulation(tiny, tokens, tmp_path, wbits):
     assert {"QuantizeLinear", "DequantizeLinear", "MatMul"} <= ops
 
 
+def test_accumulator_bounds(tiny, tokens):
+    from edgekit.llm.qlm import accumulator_bits
+
+    qm = build_quantlm(tiny, calibrate(tiny, "rtn", Scheme(), calib_batches(tokens[200:], 32, 2)), Scheme())
+    b = accumulator_bits(qm)
+    assert max(v for k, v in b.items() if k != "lm_head") <= 32  # int8 inputs: int32 accumulators suffice
+    assert b["lm_head"] > 24  # 16-bit input
+
+
 def test_act16_list_is_configurable(tiny, tokens):
     sch = Scheme(act16=DEFAULT_ACT16 + ("h",))
     qm = build_quantlm(tiny, calibrate(tiny, "rtn", sch, calib_batches(tokens[200:], 32, 2)), sch)

@@ -171,6 +171,27 @@ class QuantLM:
         return total
 
 
+def accumulator_bits(qm: QuantLM) -> dict[str, int]:
+    """Worst-case signed accumulator width of every linear: max|x - zp| * sum|w| + |bias| over output channels.
+
+    int8 inputs fit int32 everywhere; a 16-bit input (the lm_head's by default) may need more: the reference
+    executor accumulates in int64, a device kernel must split or widen there."""
+    out: dict[str, int] = {}
+
+    def bits(lin: QLinear, xq: ActQ) -> int:
+        xmax = max(abs(xq.qmin - xq.zero_point), abs(xq.qmax - xq.zero_point))
+        bound = xmax * np.abs(lin.weight.astype(np.int64)).sum(1) + np.abs(lin.bias.astype(np.int64))
+        return int(bound.max()).bit_length() + 1
+
+    inputs = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "gate": "mlp_in", "up": "mlp_in",
+              "down": "h"}
+    for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
+        for k, src in inputs.items():
+            out[f"{i}.{k}"] = bits(lw[k], a[src])
+    out["lm_head"] = bits(qm.head, qm.gacts["final_in"])
+    return out
+
+
 def load_lm(path: str | Path) -> QuantLM:
     """Read a ``.ekq`` file written by ``QuantLM.save``."""
     path = Path(path)

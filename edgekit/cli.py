@@ -91,19 +91,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(summary)
     else:
-        print(f"wrote {out} ({fmt}, {summary['weight_bytes']:.0f} weight bytes) in {summary['seconds']} s")
+        written = summary.get("path", out)
+        print(f"wrote {written} ({fmt}, {summary['weight_bytes']:.0f} weight bytes) in {summary['seconds']} s")
+        if "vela" in summary:
+            print(summary["vela"].get("verdict", ""))
     return 0
 
 
 # ---- eval / run -----------------------------------------------------------------------
+ONNX_DTYPES = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
 def _onnx_run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Run an ONNX model with onnxruntime on ``x`` cast to the model's input dtype."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     inp = sess.get_inputs()[0]
-    dtype = np.float32 if "float" in inp.type else np.int8 if "int8" in inp.type else np.float32
-    outs = sess.run(None, {inp.name: x.astype(dtype)})
-    return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+    dtype = ONNX_DTYPES.get(inp.type)
+    if dtype is None:
+        raise EdgekitError(f"{path}: input {inp.name!r} has type {inp.type}; edgekit evaluates float/uint8/int8 inputs")
+    if dtype != np.float32 and x.dtype != dtype and not np.array_equal(x, x.astype(dtype)):
+        raise EdgekitError(f"{path}: the model takes {inp.type} and the data do not fit that type without change")
+    outs = [sess.run(None, {inp.name: x[i : i + 500].astype(dtype)}) for i in range(0, len(x), 500)]
+    return {o.name: np.concatenate([b[k] for b in outs]) for k, o in enumerate(sess.get_outputs())}
 
 
 def _model_outputs(path: Path, x: np.ndarray, integer: bool = False) -> tuple[dict[str, np.ndarray], Any]:

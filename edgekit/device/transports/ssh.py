@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import posixpath
 import shlex
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ def connect_client(parts: Any, query: dict[str, str], timeout: float) -> Any:
     insecure = query.get("insecure") in ("1", "true", "yes")
     client.set_missing_host_key_policy(paramiko.AutoAddPolicy() if insecure else paramiko.RejectPolicy())
     host, port = parts.hostname or "localhost", parts.port or 22
+    t0 = time.monotonic()
     try:
         client.connect(
             host,
@@ -84,7 +86,7 @@ def connect_client(parts: Any, query: dict[str, str], timeout: float) -> Any:
                 f"ssh://{host}:{port}: unknown host key; add it with `ssh-keyscan -p {port} {host} >> "
                 f"~/.ssh/known_hosts`, pass ?known_hosts=FILE, or ?insecure=1 to skip the check"
             ) from exc
-        if "banner" in str(exc).lower():
+        if "banner" in str(exc).lower() or time.monotonic() - t0 >= timeout * 0.9:
             raise DeviceTimeout(f"ssh://{host}:{port}: no SSH answer within {timeout:g} s ({exc})") from exc
         raise DeviceConnectionError(f"ssh://{host}:{port}: {exc}") from exc
     except TimeoutError as exc:

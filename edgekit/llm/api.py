@@ -82,11 +82,15 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
         if scheme == "mobilequant":
             raise EdgekitError("the mobilequant scheme learns with torch: pip install 'edgekit[torch]' "
                                "(torch==2.13.0)") from None
+    cmodel = model
     if ops is not None:
         import torch
 
+        from edgekit.llm.sim import torch_model
+
+        cmodel = torch_model(model)  # converted once, not per calibration window
         with torch.no_grad():
-            qp = calibrate(model, scheme, sch, batches, ops=ops, log=log)
+            qp = calibrate(cmodel, scheme, sch, batches, ops=ops, log=log)
     else:
         qp = calibrate(model, scheme, sch, batches, log=log)
     report: dict[str, Any] = {"scheme": scheme, "calib_tokens": int(batches.size), "calib_seq_len": seq_len}
@@ -97,8 +101,8 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
         from edgekit.llm.quantize import observe
 
         with torch.no_grad():
-            chmax = observe(model, None, sch, batches, quant_weights=False, ops=ops)
-        qp, hist = learn(model, qp, sch, batches, steps=steps, lr=lr, time_budget_s=time_budget_s, chmax=chmax,
+            chmax = observe(cmodel, None, sch, batches, quant_weights=False, ops=ops)
+        qp, hist = learn(cmodel, qp, sch, batches, steps=steps, lr=lr, time_budget_s=time_budget_s, chmax=chmax,
                          log=log)
         report["learn"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_first": hist["loss"][0],
                            "loss_last": hist["loss"][-1]}

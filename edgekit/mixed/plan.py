@@ -50,10 +50,12 @@ def sensitivity(graph: Graph, calib_x: Any, stats: dict[str, TensorStats], metho
     raise EdgekitError(f"unknown sensitivity method {method!r}: choose one of {METHODS}")
 
 
-def quantize_with_bits(graph: Graph, bits: dict[str, int], stats: dict[str, TensorStats],
-                       observer: str = "minmax") -> QuantModel:
-    """Quantize with per-layer widths; records the mixed plan in the provenance."""
-    return quantize_graph(graph, None, weight_bits={"*": 8, **bits}, observer=observer, stats=stats, progress=False)
+def quantize_with_bits(graph: Graph, bits: dict[str, int], stats: dict[str, TensorStats], observer: str = "minmax",
+                       calib: Any = None, bias_correction: Any = None) -> QuantModel:
+    """Quantize with per-layer widths (unlisted layers: 8), reusing ``stats``; ``calib`` is passed on
+    for the quantizer's data-driven steps (e.g. empirical bias correction)."""
+    return quantize_graph(graph, calib, weight_bits={"*": 8, **bits}, observer=observer, stats=stats, progress=False,
+                          bias_correction=bias_correction)
 
 
 def plan_mixed(graph: Graph, calib_x: Any, *, max_size: float | None = None, max_bops: float | None = None,
@@ -90,7 +92,7 @@ def plan_mixed(graph: Graph, calib_x: Any, *, max_size: float | None = None, max
         max_latency_ms=max_latency_ms, latency_overhead_ms=latency_overhead_ms, ties=ties)
     timings["ilp_s"] = alloc.seconds
     t1 = time.perf_counter()
-    qm = quantize_with_bits(graph, alloc.bits, stats, observer)
+    qm = quantize_with_bits(graph, alloc.bits, stats, observer, calib=calib_x)
     timings["quantize_s"] = time.perf_counter() - t1
     report: dict[str, Any] = {
         "mixed": {

@@ -154,7 +154,7 @@ def measured_sensitivity(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarra
     x = feeds if len(feeds) > 1 else next(iter(feeds.values()))
 
     def kl_for(weight_bits: dict[str, int]) -> float:
-        qm = quantize_graph(graph, None, weight_bits=weight_bits, observer=observer, stats=stats, progress=False)
+        qm = quantize_graph(graph, feeds, weight_bits=weight_bits, observer=observer, stats=stats, progress=False)
         return _kl(ref, _probs(qm.run(x)[out]))
 
     base = kl_for({"*": 8})

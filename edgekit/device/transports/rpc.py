@@ -156,8 +156,10 @@ def open_rpc(url: str, parts: Any, query: dict[str, str], timeout: float) -> RPC
     except TimeoutError as exc:
         raise DeviceTimeout(f"{url}: no TVM RPC answer within the timeout ({exc})") from exc
     except Exception as exc:  # TVM raises TVMError / RuntimeError subclasses
+        how = (f"python -m tvm.exec.rpc_tracker --port {port}` and register the device's server with --tracker "
+               f"and --key {key}" if key else f"python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}`")
         raise DeviceConnectionError(
             f"{url}: cannot reach the TVM RPC {'tracker' if key else 'server'} at {host}:{port} ({exc}); start one "
-            f"with `python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}`"
+            f"with `{how}"
         ) from exc
     return RPCSession(url, remote, timeout)

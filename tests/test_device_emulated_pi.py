@@ -38,6 +38,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="session")
 def pi():
     """Bring the emulated Pi up once for the session (rootfs cached under ~/.cache/edgekit)."""
+    adb_server_was_running = _listening(5037)
     res = subprocess.run([str(TOOL), "up"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"emulated-pi up failed:\n{res.stderr[-3000:]}"
     urls = json.loads(res.stdout.strip().splitlines()[-1])
@@ -49,6 +50,16 @@ def pi():
     with open("/proc/mounts") as f:
         assert not [line for line in f if rootfs in line], "mounts left behind by emulated-pi down"
     assert not os.path.exists(rootfs)
+    if not adb_server_was_running and shutil.which("adb"):  # end the adb server the tests started
+        subprocess.run(["adb", "kill-server"], capture_output=True, timeout=30, check=False)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="module")

@@ -53,5 +53,7 @@ def deploy(
     if not force and session.has(sha):
         session.activate(sha)
         return DeployResult(sha, manifest["runtime"], False, 0, time.monotonic() - t0)
+    if isinstance(session, Session):
+        session.call("clean_incoming", age_s=3600)  # leftovers of uploads that died over an hour ago
     session.upload(data, sha, progress)
     return DeployResult(sha, manifest["runtime"], True, len(data), time.monotonic() - t0)

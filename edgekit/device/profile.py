@@ -118,9 +118,17 @@ def render_table(reports: list[dict[str, Any]]) -> str:
                 lt.add_column("layer")
                 lt.add_column("ms", justify="right")
                 for layer in top:
-                    lt.add_row(layer["name"], f"{layer['ms']:.3f}")
+                    lt.add_row(short_name(layer["name"], 80), f"{layer['ms']:.3f}")
                 console.print(lt)
     return cap.get()
+
+
+def short_name(name: str, width: int = 40) -> str:
+    """A layer name cut in the middle to ``width`` characters (ONNX-derived names can be huge)."""
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2
+    return name[:head] + "…" + name[-(width - 1 - head) :]
 
 
 def render_png(reports: list[dict[str, Any]], path: str | Path) -> Path:
@@ -143,7 +151,8 @@ def render_png(reports: list[dict[str, Any]], path: str | Path) -> Path:
     if with_layers:
         layers = with_layers[0]["layers"]
         ax2 = axes[0][1]
-        ax2.barh([x["name"] for x in layers][::-1], [x["ms"] for x in layers][::-1])
+        labels = [f"{i}: {short_name(x['name'])}" for i, x in enumerate(layers)]
+        ax2.barh(labels[::-1], [x["ms"] for x in layers][::-1])
         ax2.set_xlabel("ms per run")
         ax2.set_title(f"per-layer time: {Path(with_layers[0]['artifact']).name}")
         ax2.tick_params(axis="y", labelsize=7)

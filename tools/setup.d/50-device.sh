@@ -17,3 +17,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+# Build the emulated Pi's aarch64 rootfs once per machine (cached under ~/.cache/edgekit, keyed by
+# recipe; a few minutes the first time, instant after). A failure here is reported, not fatal:
+# the device tests will say what is wrong.
+if [ "$(id -u)" = 0 ] && command -v debootstrap >/dev/null; then
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    (cd "$here" && python3 -m emulated_pi.rootfs >/dev/null) || echo "setup: emulated Pi rootfs build failed (see above)" >&2
+fi

@@ -275,3 +275,8 @@ def test_device_that_never_answers_times_out(tmp_path):
     finally:
         relay.kill()
         relay.wait()
+
+
+def test_missing_python_on_the_device_is_explained(pi):
+    with pytest.raises(DeviceConnectionError, match="agent did not start on the device"):
+        open_session(pi["ssh"] + "&python=/opt/no-such-python3", timeout=30)

@@ -225,3 +225,12 @@ def test_hostile_artifact_names_never_reach_a_shell(tmp_path, r8_artifact, val_d
     assert res.sha256 and r["bit_exact_fraction"] == 1.0
     for where in (Path.cwd(), tmp_path, tmp_path / "dev", Path.home()):
         assert not (where / "PWNED_EK").exists()
+
+
+def test_agent_runs_no_commands_from_the_host(tmp_path):
+    with open_session(url(tmp_path), timeout=30) as s:
+        for op in ("exec", "shell", "__init__", "_entry", "handle"):
+            with pytest.raises(DeviceError, match="unknown operation"):
+                s.call(op, cmd=f"touch {tmp_path / 'PWNED_EK'}")
+        assert s.probe()["arch"]  # the agent keeps serving
+    assert not (tmp_path / "PWNED_EK").exists()

@@ -149,7 +149,17 @@ def open_ssh(url: str, parts: Any, query: dict[str, str], timeout: float) -> Ses
         chan = client.get_transport().open_session(timeout=timeout)
         chan.exec_command(cmd)
         session = Session(SSHChannel(client, chan), url, timeout=timeout)
-        session.hello(timeout=min(timeout, 60.0))
+        try:
+            session.hello(timeout=min(timeout, 60.0))
+        except DeviceConnectionError as exc:
+            err = b""
+            while chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            detail = err.decode(errors="replace").strip().splitlines()[-3:]
+            raise DeviceConnectionError(
+                f"{url.split('?')[0]}: the agent did not start on the device (exit status {chan.exit_status}): "
+                f"{' / '.join(detail) or exc}; the device needs python3 with numpy (set ?python=PATH otherwise)"
+            ) from exc
         return session
     except BaseException:
         client.close()

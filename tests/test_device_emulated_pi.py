@@ -115,6 +115,10 @@ def test_litert_and_onnxruntime_side_by_side_on_the_pi(pi, tmp_path, capsys):
     assert [r["runtime"] for r in reports] == ["tflite", "onnxruntime"]
     for r in reports:
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["load_ms"] > 0
+    assert reports[0]["layers"] == []  # LiteRT's Python API gives no per-op times
+    ort_layers = reports[1]["layers"]  # onnxruntime's profiler does
+    assert len(ort_layers) >= 8 and all(x["ms"] >= 0 for x in ort_layers)
+    assert sum(x["ms"] for x in ort_layers) <= 5 * reports[1]["max_ms"]
     assert png.stat().st_size > 10_000
 
     # the device's LiteRT answers like the host's (top-1; LiteRT's own int8 kernels differ by a few

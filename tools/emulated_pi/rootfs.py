@@ -60,7 +60,9 @@ def ensure_binfmt() -> None:
     if not os.path.exists("/proc/sys/fs/binfmt_misc/register"):
         subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", "/proc/sys/fs/binfmt_misc"], check=True)
     if not os.path.exists("/proc/sys/fs/binfmt_misc/qemu-aarch64"):
-        subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=True)
+        if subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=False).returncode != 0:
+            subprocess.run(["update-binfmts", "--import", "qemu-aarch64"], check=False)
+            subprocess.run(["update-binfmts", "--enable", "qemu-aarch64"], check=False)
     if not os.path.exists("/proc/sys/fs/binfmt_misc/qemu-aarch64"):
         raise RuntimeError("qemu-aarch64 binfmt is not registered; run tools/setup.d/50-device.sh as root")
 

@@ -110,3 +110,19 @@ def plan_mixed(graph: Graph, calib_x: Any, *, max_size: float | None = None, max
     }
     qm.provenance.setdefault("options", {})["mixed"] = {"method": sens.method, "budget": report["mixed"]["budget"]}
     return qm, report
+
+
+def random_allocation(params: dict[str, int], ties: list[list[str]], *, max_bytes: float, min_bytes: float = 0.0,
+                      seed: int = 0, tries: int = 100_000) -> dict[str, int]:
+    """A random 4/8-bit allocation (tied groups move together) whose weight bytes lie in
+    [min_bytes, max_bytes]: the baseline a sensitivity-driven allocation has to beat."""
+    tied = {name for g in ties for name in g}
+    groups = [list(g) for g in ties] + [[n] for n in params if n not in tied]
+    rng = np.random.default_rng(seed)
+    for _ in range(tries):
+        pick = rng.integers(0, 2, len(groups))
+        bits = {n: (4 if p else 8) for g, p in zip(groups, pick, strict=True) for n in g}
+        size = sum(params[n] * b / 8 for n, b in bits.items())
+        if min_bytes <= size <= max_bytes:
+            return bits
+    raise EdgekitError(f"no random allocation found with weight bytes in [{min_bytes:.0f}, {max_bytes:.0f}]")

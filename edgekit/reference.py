@@ -51,13 +51,13 @@ def op_quantize(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
     return np.clip(q, -128, 127).astype(np.int8)
 
 
-def op_conv2d(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
+def conv2d_accumulators(qm: QuantModel, node: QNode, xq: np.ndarray) -> np.ndarray:
+    """The int32 accumulators of a conv2d (bias included), [N, OH, OW, O] as int64."""
     a = node.attrs
     zin = qm.tensors[node.inputs[0]].zero_point
-    zout = qm.tensors[node.outputs[0]].zero_point
     w = _i64(qm.constants[node.params["weight"]])  # [O, KH, KW, I/g]
     o, kh, kw, ipg = w.shape
-    x = _i64(env[node.inputs[0]]) - zin
+    x = _i64(xq) - zin
     win = _windows(x, (kh, kw), a["strides"], a["dilations"], a["pads"], 0)  # [N,OH,OW,C,KH,KW]
     n, oh, ow, c = win.shape[:4]
     g = a["groups"]
@@ -77,20 +77,30 @@ def op_conv2d(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
             cols = wg.transpose(0, 1, 2, 4, 5, 3).reshape(n * oh * ow, kh * kw * ipg)
             parts.append(arith.exact_int_matmul(cols, w[gi * opg : (gi + 1) * opg].reshape(opg, -1).T))
         acc = np.concatenate(parts, axis=1)
-    acc = acc + _i64(qm.constants[node.params["bias"]])
+    return (acc + _i64(qm.constants[node.params["bias"]])).reshape(n, oh, ow, o)
+
+
+def dense_accumulators(qm: QuantModel, node: QNode, xq: np.ndarray) -> np.ndarray:
+    """The int32 accumulators of a dense layer (bias included), as int64."""
+    zin = qm.tensors[node.inputs[0]].zero_point
+    x = _i64(xq) - zin
+    w = _i64(qm.constants[node.params["weight"]])
+    acc = arith.exact_int_matmul(x.reshape(-1, x.shape[-1]), w.T) + _i64(qm.constants[node.params["bias"]])
+    return acc.reshape(*x.shape[:-1], w.shape[0])
+
+
+def _requantize_out(qm: QuantModel, node: QNode, acc: np.ndarray) -> np.ndarray:
+    zout = qm.tensors[node.outputs[0]].zero_point
     y = arith.requantize(acc, qm.constants[node.params["multiplier"]], qm.constants[node.params["shift"]]) + zout
-    return _clamp_i8(y, a).reshape(n, oh, ow, o)
+    return _clamp_i8(y, node.attrs)
+
+
+def op_conv2d(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
+    return _requantize_out(qm, node, conv2d_accumulators(qm, node, env[node.inputs[0]]))
 
 
 def op_dense(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:
-    zin = qm.tensors[node.inputs[0]].zero_point
-    zout = qm.tensors[node.outputs[0]].zero_point
-    x = _i64(env[node.inputs[0]]) - zin
-    w = _i64(qm.constants[node.params["weight"]])
-    lead = x.shape[:-1]
-    acc = arith.exact_int_matmul(x.reshape(-1, x.shape[-1]), w.T) + _i64(qm.constants[node.params["bias"]])
-    y = arith.requantize(acc, qm.constants[node.params["multiplier"]], qm.constants[node.params["shift"]]) + zout
-    return _clamp_i8(y, node.attrs).reshape(*lead, w.shape[0])
+    return _requantize_out(qm, node, dense_accumulators(qm, node, env[node.inputs[0]]))
 
 
 def op_add(qm: QuantModel, node: QNode, env: Env) -> np.ndarray:

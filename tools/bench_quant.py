@@ -78,7 +78,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--readme", action="store_true", help="also write the table into README.md")
     args = ap.parse_args()
     data = Path(args.data)
     model = data / "resnet8_cifar10_fp32.onnx"
@@ -117,11 +117,29 @@ def main() -> None:
             None,
         )
     )
-    print(f"ResNet-8, CIFAR-10 test, n = {len(x)} (calibration: 1000 train images)\n")
-    print("| model | top-1 | top-1 agreement with float | export time (s) |")
-    print("|---|---|---|---|")
+    lines = [
+        f"ResNet-8, CIFAR-10 test, n = {len(x)} (calibration: 1000 train images)",
+        "",
+        "| model | top-1 | top-1 agreement with float | export time (s) |",
+        "|---|---|---|---|",
+    ]
     for name, acc, agree, secs in rows:
-        print(f"| {name} | {100 * acc:.2f}% | {100 * agree:.2f}% | {'' if secs is None else f'{secs:.1f}'} |")
+        t = "" if secs is None else f"{secs:.1f}"
+        lines.append(f"| {name} | {100 * acc:.2f}% | {100 * agree:.2f}% | {t} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.readme:
+        write_readme_section(ROOT / "README.md", "quant-table", table)
+
+
+def write_readme_section(readme: Path, key: str, text: str) -> None:
+    """Replace the text between <!-- key --> and <!-- /key --> in the README."""
+    s = readme.read_text()
+    start, end = f"<!-- {key} -->", f"<!-- /{key} -->"
+    if start not in s or end not in s:
+        raise SystemExit(f"{readme} has no {start} ... {end} section")
+    head, rest = s.split(start, 1)
+    readme.write_text(head + start + "\n" + text + "\n" + end + rest.split(end, 1)[1])
 
 
 if __name__ == "__main__":

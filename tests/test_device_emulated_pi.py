@@ -29,10 +29,13 @@ from tests.device_helpers import DATA, LITERT_INT8, RESNET8_ONNX, NoisyChannel, 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "emulated-pi"
 
-pytestmark = pytest.mark.skipif(
-    sys.platform != "linux" or os.geteuid() != 0 or shutil.which("qemu-aarch64-static") is None,
-    reason="the emulated Pi needs Linux, root and qemu-user-static (run tools/setup.d/50-device.sh as root)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        sys.platform != "linux" or os.geteuid() != 0 or shutil.which("qemu-aarch64-static") is None,
+        reason="the emulated Pi needs Linux, root and qemu-user-static (run tools/setup.d/50-device.sh as root)",
+    ),
+]
 
 
 @pytest.fixture(scope="session")

@@ -117,9 +117,24 @@ def _onnx_run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
     return {o.name: np.concatenate([b[k] for b in outs]) for k, o in enumerate(sess.get_outputs())}
 
 
+def _tflite_run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Run a .tflite with LiteRT's built-in kernels; float data are quantized as its input says."""
+    from edgekit.export.tflite import make_interpreter, run_tflite
+
+    it = make_interpreter(path)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    if inp["dtype"] in (np.int8, np.uint8) and x.dtype not in (np.int8,):
+        scale, zp = inp["quantization"]
+        lo, hi = np.iinfo(inp["dtype"]).min, np.iinfo(inp["dtype"]).max
+        x = np.clip(np.round(x.astype(np.float32) / np.float32(scale)) + zp, lo, hi).astype(inp["dtype"])
+    return {out["name"]: run_tflite(path, x)}
+
+
 def _model_outputs(path: Path, x: np.ndarray, integer: bool = False) -> tuple[dict[str, np.ndarray], Any]:
     if path.suffix.lower() == ".onnx":
         return _onnx_run(path, x), None
+    if path.suffix.lower() == ".tflite":
+        return _tflite_run(path, x), None
     from edgekit.qmodel import load
 
     qm = load(path)
@@ -314,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-o", "--output", required=True)
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", help="accuracy and agreement with the float model")
+    v = sub.add_parser("eval", help="accuracy and agreement with the float model (.ekq, .onnx, .tflite)")
     v.add_argument("model")
     v.add_argument("--data")
     v.add_argument("--limit", type=int, help="evaluate the first N samples only")

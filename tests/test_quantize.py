@@ -202,3 +202,16 @@ def test_cli_export_eval_run_inspect(tmp_path, cifar_test):
     assert "dyadic" in info["layers"][1]
     table = _cli("inspect", out)
     assert "conv2d" in table and "dense" in table
+
+
+def test_cli_eval_of_the_tflite_export_matches_the_ekq(tmp_path, resnet8_int8, cifar_test):
+    from edgekit.export.cli import export_model
+
+    export_model(resnet8_int8, "tflite", tmp_path / "r8.tflite")
+    resnet8_int8.save(tmp_path / "r8.ekq")
+    x, y = cifar_test
+    np.savez(tmp_path / "d.npz", x=x[::50], y=y[::50])
+    ev_tfl = json.loads(_cli("eval", tmp_path / "r8.tflite", "--data", tmp_path / "d.npz", "--json"))
+    ev_ekq = json.loads(_cli("eval", tmp_path / "r8.ekq", "--data", tmp_path / "d.npz", "--json"))
+    assert ev_tfl["n"] == ev_ekq["n"] == 200
+    assert ev_tfl["top1"] == ev_ekq["top1"]  # bit-exact export: identical predictions

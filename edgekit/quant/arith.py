@@ -147,18 +147,19 @@ def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-def exact_int_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def exact_int_matmul(a: np.ndarray, b: np.ndarray, bound: int | None = None) -> np.ndarray:
     """Integer matrix product a @ b, exact, as int64.
 
     BLAS has no integer GEMM, so when the worst-case magnitude of every partial sum is
     below 2**53 (always true for int8/int4 operands with K < 2**37) the product is carried
     in float64, where every such integer and every partial sum is represented exactly;
     otherwise it falls back to int64 arithmetic. The result is identical either way.
+    ``bound`` (max |a| * max |b| * K) may be given when the caller knows it, to skip a scan.
     """
     a = np.asarray(a)
     b = np.asarray(b)
-    k = a.shape[-1]
-    bound = int(np.abs(a).max(initial=0)) * int(np.abs(b).max(initial=0)) * k
+    if bound is None:
+        bound = int(np.abs(a).max(initial=0)) * int(np.abs(b).max(initial=0)) * a.shape[-1]
     if bound < (1 << 53):
-        return np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
+        return np.matmul(a.astype(np.float64, copy=False), b.astype(np.float64, copy=False)).astype(np.int64)
     return np.matmul(a.astype(np.int64), b.astype(np.int64))

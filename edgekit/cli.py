@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.data import read_npz
 from edgekit.errors import EdgekitError
 
 # Subcommands owned by other stages register themselves through these modules.
@@ -34,14 +35,7 @@ def _json_default(o: Any) -> Any:
 
 
 def load_npz(path: str | Path) -> dict[str, np.ndarray]:
-    path = Path(path)
-    if not path.exists():
-        raise EdgekitError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise EdgekitError(f"{path}: not a readable .npz file ({exc})") from exc
+    data = read_npz(path)
     if "x" not in data:
         raise EdgekitError(f"{path}: a data file holds 'x' (inputs) and optionally 'y' (labels); found {sorted(data)}")
     return data

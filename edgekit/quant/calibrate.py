@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgekit.data import read_npz
 from edgekit.errors import CalibrationError
 from edgekit.graph.float_exec import run_graph
 from edgekit.graph.ir import Graph
@@ -40,14 +41,7 @@ class TensorStats:
 def batches(calib, input_names: list[str], batch_size: int = 64) -> Iterator[dict[str, np.ndarray]]:
     """Normalise calibration data: array, dict of arrays, .npz path, or iterable of either."""
     if isinstance(calib, str | Path):
-        path = Path(calib)
-        if not path.exists():
-            raise CalibrationError(f"calibration file {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                calib = {k: z[k] for k in z.files}
-        except Exception as exc:
-            raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from exc
+        calib = read_npz(calib, CalibrationError)
         if "x" in calib and len(input_names) == 1 and input_names[0] not in calib:
             calib = {input_names[0]: calib["x"]}
     if isinstance(calib, np.ndarray):

@@ -384,7 +384,7 @@ def quantize_graph(
     calib,
     *,
     weight_bits: int | dict[str, int] = 8,
-    observer: str = "minmax",
+    observer: str = "mse",
     bias_correction: bool | None = None,
     percentile: float = 99.99,
     progress: bool = True,

@@ -130,6 +130,7 @@ def compile_model(
     rpc: dict[str, Any] | None = None,
     verify: bool | str = "auto",
     verify_inputs: list[np.ndarray] | int = 2,
+    tensorize: bool = True,
     progress: Progress | None = None,
 ) -> CompileResult:
     """Compile ``qm`` for ``target`` into an artifact at ``out``.
@@ -138,7 +139,8 @@ def compile_model(
     (``~/.cache/edgekit/tuning/<target>`` unless ``tuning_dir``); ``rpc``: measure on a device via a
     TVM RPC tracker ({"tracker": "host:port", "key": ..., "timeout": s}). ``verify``: check
     bit-exactness against the reference (True: required, "auto": when this machine can run the
-    code, natively or under qemu; False: skip).
+    code, natively or under qemu; False: skip). ``tensorize``: use the dot-product intrinsic
+    kernels (VNNI / sdot / NEON) where the target has them.
     """
     t0 = time.time()
     say = progress or _quiet
@@ -148,7 +150,7 @@ def compile_model(
     out = Path(out) if out is not None else Path(f"{qm.name}.{spec.name}.tar")
     spec.compiler()  # fail early, with a message, when the toolchain is missing
     say(f"lowering {qm.name} ({len(qm.nodes)} nodes) for {spec.name}")
-    lowered = lower(qm, batch)
+    lowered = lower(qm, batch, spec.tvm_target(), tensorize=tensorize)
     import tvm
 
     tuned_info: dict[str, Any] = {"tuned": False}

@@ -26,6 +26,7 @@ from kernels import int4 as kint4
 from kernels import layout as klayout
 from kernels import pool as kpool
 from kernels import requant as kreq
+from kernels import tensorize as ktz
 
 SUPPORTED = {"quantize", "conv2d", "dense", "add", "mul", "requantize", "maxpool", "avgpool", "concat", "pad",
              "reshape", "transpose", "lut", "clamp"}
@@ -60,9 +61,12 @@ def check_supported(qm: QuantModel) -> None:
 
 
 class _Lowerer:
-    def __init__(self, qm: QuantModel, batch: int):
+    def __init__(self, qm: QuantModel, batch: int, intrin: str | None = None, threads: int = 1):
         self.qm = qm
         self.batch = batch
+        self.intrin = intrin
+        self.threads = threads
+        self.scheduled: dict[str, str] = {}  # primfunc name hint -> intrinsic it is tensorized with
         self.bb = relax.BlockBuilder()
         self.env: dict[str, relax.Expr] = {}
         self.weight_bytes = 0
@@ -138,12 +142,24 @@ class _Lowerer:
         m, s = self.rescale(node, o)
         kw = dict(zout=zout, act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
 
-        def fn(xt, wt, bt, mt, st):
-            if bits == 4:
-                wt = kint4.unpack_int4_te(wt, (o, k))
-            return kdense.dense(xt, wt, bt, mt, st, **kw)
+        if self.intrin is not None and bits == 8:
+            act, nb, kb = ktz.LAYOUTS[self.intrin]
+            wp = ktz.pack_weight(w, nb, kb)
+            self.weight_bytes += wp.nbytes - w.nbytes  # the packed (padded) layout is what is stored
+            bias_t = ktz.fold_zero_point(np.asarray(self.qm.constants[node.params["bias"]]), w, zin, act == "uint8")
 
-        y = self.emit("dense" + ("_int4" if bits == 4 else ""), node, fn, x, wc, relax.const(bias), m, s)
+            def fnt(xt, wt, bt, mt, st):
+                return ktz.dense_tensorized(xt, wt, bt, mt, st, out_features=o, act_dtype=act, **kw)
+
+            y = self.emit("dense_" + self.intrin, node, fnt, x, relax.const(wp), relax.const(bias_t), m, s)
+            self.scheduled[f"dense_{self.intrin}_{_name(node.name)}"] = self.intrin
+        else:
+            def fn(xt, wt, bt, mt, st):
+                if bits == 4:
+                    wt = kint4.unpack_int4_te(wt, (o, k))
+                return kdense.dense(xt, wt, bt, mt, st, **kw)
+
+            y = self.emit("dense" + ("_int4" if bits == 4 else ""), node, fn, x, wc, relax.const(bias), m, s)
         if len(shape) != 2:
             y = self.bb.emit(relax.op.reshape(y, shape[:-1] + [o]))
         return y
@@ -253,10 +269,25 @@ class _Lowerer:
             shape = [int(d) for d in self.env[o.name].ty.shape]
             out_infos.append({"name": o.name, "shape": shape, "dtype": "int8", "scale": info.scale,
                               "zero_point": info.zero_point, "epilogue": list(o.epilogue)})
-        return Lowered(self.bb.get(), in_infos, out_infos, self.weight_bytes, self.kernels)
+        mod = self.bb.get()
+        for gv in list(mod.functions.keys()):
+            if gv.name_hint in self.scheduled:
+                mod[gv] = _schedule_tensorized(mod[gv], self.scheduled[gv.name_hint], self.threads)
+        return Lowered(mod, in_infos, out_infos, self.weight_bytes, self.kernels)
 
 
-def lower(qm: QuantModel, batch: int = 1) -> Lowered:
-    """The Relax module for ``qm`` at a static batch size."""
+def _schedule_tensorized(func, intrin: str, threads: int):
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    ktz.schedule_gemm(sch, intrin, threads=threads)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def lower(qm: QuantModel, batch: int = 1, target=None, tensorize: bool = True) -> Lowered:
+    """The Relax module for ``qm`` at a static batch size. With a TVM ``target`` whose CPU has a
+    dot-product instruction (VNNI, sdot, NEON), int8 dense layers use the tensorized kernels over
+    pre-packed weights."""
     check_supported(qm)
-    return _Lowerer(qm, batch).run()
+    intrin = ktz.intrin_for(target) if (target is not None and tensorize) else None
+    return _Lowerer(qm, batch, intrin).run()

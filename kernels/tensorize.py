@@ -1,0 +1,154 @@
+"""Tensorized int8 GEMM/dense: x86 VNNI (``vpdpbusd``, u8 x s8), ARM ``sdot`` (+dotprod) and a
+NEON fallback, over weights pre-packed at compile time into the block layout the intrinsic
+reads: ``[N/nb, K/kb, nb, kb]`` (VNNI 16x4, sdot 4x4).
+
+The VNNI intrinsic TVM ships (``dot_16x4_vnni``) fails LLVM 22's verifier ("Call parameter type
+does not match": LLVM 22's ``vpdpbusd.512`` takes ``<64 x i8>`` operands, TVM passes ``<16 x i32>``).
+``VNNI_INTRIN`` is the same description with the operands reinterpreted as u8x64 / i8x64.
+
+VNNI multiplies unsigned activations: the kernel feeds ``x + 128`` (uint8) and the bias absorbs
+``-(zin + 128) * sum(w)`` instead of ``-zin * sum(w)`` (``fold_zero_point(..., unsigned=True)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import te
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+from kernels.requant import epilogue
+
+try:  # registers TVM's ARM intrinsics (sdot, neon)
+    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
+except ImportError:  # pragma: no cover
+    pass
+
+VNNI_INTRIN = "edgekit_dot_16x4_vnni"
+SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"
+NEON_INTRIN = "dot_4x4_i8i8s32_neon"
+
+
+@T.prim_func(s_tir=True)
+def _vnni_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _vnni_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            a_u8x64,
+            b_i8x64,
+            dtype="int32x16",
+        )
+
+
+TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl, override=True)
+
+# intrinsic -> (activation dtype, nb, kb)
+LAYOUTS = {VNNI_INTRIN: ("uint8", 16, 4), SDOT_INTRIN: ("int8", 4, 4), NEON_INTRIN: ("int8", 4, 4)}
+
+
+def intrin_for(target) -> str | None:
+    """The dot-product intrinsic a TVM target supports, or None."""
+    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    keys = [str(k) for k in t.keys]
+    attrs = {str(k): v for k, v in t.attrs.items()}
+    if "arm_cpu" in keys:
+        return SDOT_INTRIN if bool(attrs.get("feature.has_dotprod", False)) else NEON_INTRIN
+    mcpu = str(attrs.get("mcpu", ""))
+    mattr = [str(m) for m in attrs.get("mattr", [])]
+    if "+avx512vnni" in mattr or (mcpu and tvm.target.codegen.llvm_cpu_has_features(["avx512vnni"], t)):
+        return VNNI_INTRIN
+    return None
+
+
+def pack_weight(weight: np.ndarray, nb: int, kb: int) -> np.ndarray:
+    """[N, K] int8 -> [ceil(N/nb), ceil(K/kb), nb, kb], zero padded."""
+    n, k = weight.shape
+    pn, pk = -(-n // nb), -(-k // kb)
+    wp = np.zeros((pn * nb, pk * kb), np.int8)
+    wp[:n, :k] = weight
+    return np.ascontiguousarray(wp.reshape(pn, nb, pk, kb).transpose(0, 2, 1, 3))
+
+
+def fold_zero_point(bias: np.ndarray, weight: np.ndarray, zin: int, unsigned: bool) -> np.ndarray:
+    """bias - (zin [+ 128 for u8 activations]) * sum_k w, as int32."""
+    z = int(zin) + (128 if unsigned else 0)
+    b = bias.astype(np.int64) - z * weight.astype(np.int64).sum(axis=1)
+    return b.astype(np.int32)
+
+
+def gemm_packed_acc(x: te.Tensor, wp: te.Tensor, act_dtype: str) -> te.Tensor:
+    """int32 [M, N/nb, nb] = x [M, K] (int8) . packed weights; u8 activations are x + 128."""
+    m, k = (int(d) for d in x.shape)
+    pn, pk, nb, kb = (int(d) for d in wp.shape)
+    kp = pk * kb
+
+    def act(i, kk):
+        v = x[i, kk]
+        if act_dtype == "uint8":
+            v = (v.astype("int32") + 128).astype("uint8")
+        return v if kp == k else tvm.tirx.if_then_else(kk < k, v, tvm.tirx.const(0, act_dtype))
+
+    xa = te.compute((m, kp), act, name="act")
+    ko = te.reduce_axis((0, pk), "ko")
+    ki = te.reduce_axis((0, kb), "ki")
+    return te.compute(
+        (m, pn, nb),
+        lambda i, jo, ji: te.sum(xa[i, ko * kb + ki].astype("int32") * wp[jo, ko, ji, ki].astype("int32"),
+                                 axis=[ko, ki]),
+        name="gemm_acc",
+    )
+
+
+def dense_tensorized(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *,
+                     out_features: int, act_dtype: str, zout: int, act_min: int, act_max: int) -> te.Tensor:
+    """Dense + requantize over packed weights (bias folded with ``fold_zero_point``)."""
+    acc4 = gemm_packed_acc(x, wp, act_dtype)
+    nb = int(wp.shape[2])
+    acc = te.compute((int(x.shape[0]), out_features), lambda i, j: acc4[i, j // nb, j % nb], name="acc")
+    return epilogue(acc, bias, m, shift, zout, act_min, act_max)
+
+
+def schedule_gemm(sch, intrin: str, threads: int = 1, row_block: int = 4) -> None:
+    """Tensorize the ``gemm_acc`` block of ``sch`` with ``intrin``; rows blocked by ``row_block``,
+    the outer loop parallel when ``threads`` > 1; the [M, N] view of the accumulators is inlined."""
+    blk = sch.get_sblock("gemm_acc")
+    i, jo, ji, ko, ki = sch.get_loops(blk)
+    m = int(sch.get(i).extent)
+    rb = row_block if m % row_block == 0 else 1
+    io, ii = sch.split(i, [None, rb])
+    sch.reorder(io, jo, ko, ii, ji, ki)
+    sch.decompose_reduction(blk, ko)
+    sch.tensorize(ji, intrin)
+    if threads > 1:
+        sch.parallel(sch.fuse(io, jo) if m // rb < threads * 2 else io)
+    try:
+        sch.compute_inline(sch.get_sblock("acc"))
+    except Exception:  # noqa: BLE001 - not every caller has the reshape stage
+        pass

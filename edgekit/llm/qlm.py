@@ -15,6 +15,9 @@ What is integer and what is not (per decoder layer):
 - float32 steps between a dequantize and a quantize (as a QDQ runtime runs them): RMSNorm, RoPE
   (q/k projections are dequantized from their int32 accumulators), softmax, and the final logits.
 
+Accumulators: int8 inputs provably fit int32 (``accumulator_bits``); a 16-bit input (by default only the
+lm_head's) may not, so the reference accumulates in int64 (``exact_int_matmul``).
+
 Activation tensor names (per layer): attn_in q k v probs attn_out o_out res_mid mlp_in gate up silu h
 down_out res_out; and globally embed, final_in.
 """

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.llm.model import LlamaModel
-from edgekit.llm.qlm import DEFAULT_ACT16, GLOBAL_ACTS, LAYER_ACTS
+from edgekit.llm.qlm import DEFAULT_ACT16
 
 PAIRS = ("attn", "mlp", "v", "h")  # smoothing pairs: norm->qkv, norm->gate/up, v->o, up->down
 
@@ -285,8 +285,6 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
 
     for i, lw in enumerate(model.layers):
         p = qp.layers[i]
-        if observer is not None and qp is not None:
-            pass
         f = fold_layer(ops, lw, p, c)
         hn = rms(x, f["attn_norm"], f["attn_norm_bias"])
         if observer is not None:
@@ -330,5 +328,3 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
     hq = fake_quant_weight(ops, head, np.ones(head.shape[0], np.float32), scheme.embed_bits) if quant_w else head
     return out @ hq.T
 
-
-ALL_ACTS = (LAYER_ACTS, GLOBAL_ACTS)

@@ -327,4 +327,3 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
     head = ops.asarray(model.head)
     hq = fake_quant_weight(ops, head, np.ones(head.shape[0], np.float32), scheme.embed_bits) if quant_w else head
     return out @ hq.T
-

@@ -292,7 +292,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgekit.demo import run_demo
 
-    result = run_demo(Path(args.workdir), quick=args.quick)
+    result = run_demo(Path(args.workdir), quick=args.quick, table_to_stderr=args.json)
     if args.json:
         _print_json(result)
     return 0

@@ -20,6 +20,9 @@ from edgekit.qmodel import QuantModel
 
 
 def shared_data_dir() -> Path | None:
+    """``EDGEKIT_DATA`` or ``../shared/data``; ``EDGEKIT_DATA=none`` forces the generated model."""
+    if os.environ.get("EDGEKIT_DATA", "").lower() == "none":
+        return None
     candidates = [
         os.environ.get("EDGEKIT_DATA"),
         Path(__file__).resolve().parents[2] / "shared" / "data",
@@ -64,7 +67,7 @@ def default_problem(workdir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def run_demo(workdir: Path, quick: bool = False) -> dict[str, Any]:
+def run_demo(workdir: Path, quick: bool = False, table_to_stderr: bool = False) -> dict[str, Any]:
     import onnxruntime as ort
     from rich.console import Console
 
@@ -120,7 +123,7 @@ def run_demo(workdir: Path, quick: bool = False) -> dict[str, Any]:
     table.add_column("value", justify="right")
     for k, v in result.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
-    Console().print(table)
+    Console(stderr=table_to_stderr).print(table)
     return result
 
 

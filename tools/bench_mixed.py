@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     int8 = rows[0]["top1"]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    short = {n: n.split(";")[-1].split("/")[-2] if "/" in n else n for n in params}
+    short = {n: (re.findall(r"model/(conv2d(?:_\d+)?|dense)/", n) or [n])[-1] for n in params}
     lines = [f"# Mixed precision, ResNet-8 / CIFAR-10 ({len(ty)} test images, budget {args.budget:.2f} x int8 bytes)",
              "", "| model | top-1 | drop vs int8 (points) | weight bytes | x int8 | 4-bit layers |",
              "|---|---|---|---|---|---|"]

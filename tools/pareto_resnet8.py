@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.plot([q["latency_ms"] for q in lp], [100 * q["top1"] for q in lp], "o", label="ILP allocations")
         ax.plot([int4_lat], [100 * int4_acc], "s", color="gray", label="uniform int4")
         ax.plot([chosen["latency_ms"]], [100 * chosen["top1"]], "*", ms=18, color="red", label="chosen")
-        ax.set_xlabel(f"latency ms (predicted from per-layer times, {lat_info.get('how', '')})")
+        ax.set_xlabel("latency ms (predicted: measured per-layer times + overhead)")
         ax.set_ylabel("top-1 %")
         ax.set_title(f"accuracy vs latency on {args.target}")
         ax.grid(alpha=0.3)

@@ -28,7 +28,7 @@ def require_torch() -> Any:
     except ImportError as exc:
         raise TorchUnavailableError(
             "Hessian sensitivities need PyTorch: pip install 'edgekit[torch]' (CPU build torch==2.13.0), "
-            "or use the measured sensitivity (sensitivity='measured')"
+            "or use the measured sensitivity (--sensitivity measured; method='measured')"
         ) from exc
     torch.set_num_threads(1)
     return torch

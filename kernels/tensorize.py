@@ -144,10 +144,12 @@ def schedule_gemm(sch, intrin: str, threads: int = 1, row_block: int = 4) -> Non
     rb = row_block if m % row_block == 0 else 1
     io, ii = sch.split(i, [None, rb])
     sch.reorder(io, jo, ko, ii, ji, ki)
-    sch.decompose_reduction(blk, ko)
-    sch.tensorize(ji, intrin)
     if threads > 1:
-        sch.parallel(sch.fuse(io, jo) if m // rb < threads * 2 else io)
+        outer = sch.fuse(io, jo) if m // rb < threads * 2 else io
+        sch.parallel(outer)
+        ko = sch.get_loops(blk)[-4]
+    sch.decompose_reduction(blk, ko)
+    sch.tensorize(sch.get_loops(blk)[-2], intrin)
     try:
         sch.compute_inline(sch.get_sblock("acc"))
     except Exception:  # noqa: BLE001 - not every caller has the reshape stage

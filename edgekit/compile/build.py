@@ -131,6 +131,7 @@ def compile_model(
     verify: bool | str = "auto",
     verify_inputs: list[np.ndarray] | int = 2,
     tensorize: bool = True,
+    tune_options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> CompileResult:
     """Compile ``qm`` for ``target`` into an artifact at ``out``.
@@ -160,7 +161,8 @@ def compile_model(
         if tune:
             from .tune import tune_module
 
-            mod, tuned_info = tune_module(lowered, spec, trials=trials, tuning_dir=tuning_dir, rpc=rpc, progress=say)
+            mod, tuned_info = tune_module(lowered, spec, trials=trials, tuning_dir=tuning_dir, rpc=rpc, progress=say,
+                                             **(tune_options or {}))
         say(f"building for {spec.name} ({spec.tvm_dict().get('mcpu', spec.tvm.get('mtriple', ''))})")
         build_library(lowered, spec, so_path, mod)
         verified: dict[str, Any] | None = None

@@ -139,7 +139,8 @@ def _progress_callback(names: list[str], say: Callable[[str], None], budget: dic
 
 def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_dir: str | Path | None = None,
                 rpc: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
-                trials_per_iter: int = 16, tune_elementwise: bool = False, verbose: bool = False):
+                trials_per_iter: int = 16, tune_elementwise: bool = False, verbose: bool = False,
+                search: str = "evolutionary"):
     """Tune ``lowered.mod`` for ``spec``; returns (module with the database's best schedules applied, info)."""
     import tvm
     from tvm import relax
@@ -165,8 +166,12 @@ def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_
         builder = _in_process_builder(spec.compiler() if spec.cross else None)
         space = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
         pop = int(min(512, max(32, 8 * per_task)))  # small budgets: a small, fast evolutionary search
-        strategy = ms.search_strategy.EvolutionarySearch(
-            population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=4 if pop >= 256 else 2)
+        if search == "evolutionary":
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=4 if pop >= 256 else 2)
+            cost_model = "xgb"
+        else:  # "replay": random schedules from the design space, no cost model (cheap; for smoke tests)
+            strategy, cost_model = "replay-trace", "random"
         with tempfile.TemporaryDirectory(prefix="edgekit-ms-logs-") as logs:
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
                 pending, work_dir=logs, space=space, strategy=strategy, num_threads=os.cpu_count() or 1, seed=0)
@@ -180,6 +185,7 @@ def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_
                     max_trials_global=sum(remaining.values()), max_trials_per_task=max(remaining.values()),
                     num_trials_per_iter=min(trials_per_iter, max(remaining.values())), builder=builder,
                     runner=runner, database=db, measure_callbacks=callbacks, task_scheduler="round-robin",
+                    cost_model=cost_model,
                 )
             except KeyboardInterrupt:
                 say(f"tuning interrupted: measured records are kept in {work}; run again to resume")

@@ -1,0 +1,209 @@
+#!/usr/bin/env python3
+"""Benchmark edgekit's TVM compile path against peers, batch 1, 1 and 2 threads, medians.
+
+Rows: edgekit untuned, edgekit tuned (MetaSchedule, --trials, persistent database), LiteRT with
+XNNPACK (ResNet-8: the MLPerf Tiny int8 reference file; MobileNetV2-shaped: edgekit's own TFLite
+export of the same QuantModel), onnxruntime int8 (QDQ) and float. Models: ResNet-8 (real weights,
+quantized by edgekit) and a 224x224 MobileNetV2-shaped model with random weights generated here.
+Plus the share of int8 peak reached by the tensorized (VNNI) GEMM on a large matrix product.
+
+    python tools/bench_compile.py [--trials 0] [--out bench.md]
+
+Timings on a shared, loaded 2-core machine are noisy: compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data"
+
+
+def median_us(fn, runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e6
+
+
+def set_tvm_threads(n: int) -> None:
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+
+
+def bench_edgekit(qm, x_int8: np.ndarray, threads: int, runs: int, tune: bool, trials: int, search: str) -> float:
+    import tvm
+    from tvm import relax
+
+    from edgekit.artifact import unpack_artifact
+    from edgekit.compile import compile_model
+
+    with tempfile.TemporaryDirectory() as td:
+        res = compile_model(qm, "host", Path(td) / "m.tar", tune=tune, trials=trials, verify=True,
+                            tune_options={"search": search})
+        m = unpack_artifact(res.path, Path(td) / "u")
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(Path(td) / "u" / m["model_file"])), tvm.cpu())
+        set_tvm_threads(threads)
+        a = tvm.runtime.tensor(x_int8)
+        return median_us(lambda: vm["main"](a), runs)
+
+
+def bench_litert(path: str, x: np.ndarray, threads: int, runs: int) -> float:
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=path, num_threads=threads)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    it.set_tensor(inp["index"], x.astype(inp["dtype"]).reshape(inp["shape"]))
+
+    def run():
+        it.invoke()
+
+    return median_us(run, runs)
+
+
+def bench_ort(path: str, feed: dict, threads: int, runs: int) -> float:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return median_us(lambda: s.run(None, feed), runs)
+
+
+def gemm_share_of_peak(n: int = 1024, threads: int = 1) -> tuple[float, float, str]:
+    """GOPS of the VNNI-tensorized GEMM and the assumed int8 peak (2 x 512-bit vpdpbusd per cycle per core)."""
+    import tvm
+    from tvm import te
+
+    from edgekit.compile.targets import get_target
+    from kernels import tensorize as kt
+
+    tgt = get_target("host").tvm_target()
+    intrin = kt.intrin_for(tgt)
+    if intrin != kt.VNNI_INTRIN:
+        return float("nan"), float("nan"), "no VNNI on this CPU"
+    rng = np.random.default_rng(0)
+    x = rng.integers(-128, 128, size=(n, n)).astype(np.int8)
+    w = rng.integers(-127, 128, size=(n, n)).astype(np.int8)
+    wp = kt.pack_weight(w, 16, 4)
+    X = te.placeholder((n, n), "int8", name="x")
+    W = te.placeholder(wp.shape, "int8", name="w")
+    acc = kt.gemm_packed_acc(X, W, "uint8")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([X, W, acc]))
+    kt.schedule_gemm(sch, intrin, threads=threads)
+    f = tvm.compile(sch.mod, tgt)
+    set_tvm_threads(threads)
+    out = tvm.runtime.tensor(np.zeros([int(d) for d in acc.shape], np.int32))
+    a, b = tvm.runtime.tensor(x), tvm.runtime.tensor(wp)
+    us = median_us(lambda: f(a, b, out), 7, warmup=2)
+    gops = 2 * n**3 / (us * 1e-6) / 1e9
+    mhz = max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    peak = mhz / 1e3 * 2 * 64 * 2 * threads  # GHz x 2 vpdpbusd/cycle x 64 MAC x 2 ops
+    return gops, peak, f"{mhz:.0f} MHz, assumes 2 x 512-bit vpdpbusd per cycle per core"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=0, help="MetaSchedule trials for the tuned rows (0: skip them)")
+    ap.add_argument("--search", default="evolutionary", choices=["evolutionary", "replay"])
+    ap.add_argument("--runs", type=int, default=200, help="timed runs for ResNet-8 (MobileNetV2: runs/20)")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--skip-mobilenet", action="store_true")
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TVM_NUM_THREADS", "2")
+
+    import edgekit
+    from edgekit.compile import synth
+    from edgekit.compile.build import quantize_input
+
+    threads = [int(t) for t in args.threads.split(",")]
+    lines = ["| model | runtime | " + " | ".join(f"{t} thread(s) us" for t in threads) + " |",
+             "|---|---|" + "---|" * len(threads)]
+    test = np.load(DATA / "cifar10_test.npz")["x"][:1].astype(np.float32)
+    calib = np.load(DATA / "cifar10_calib_train1000.npz")["x"][:200].astype(np.float32)
+    r8 = edgekit.quantize(DATA / "resnet8_cifar10_fp32.onnx", calib, weight_bits=8, progress=False)
+    models = [("ResNet-8 (CIFAR-10)", r8, quantize_input(r8, test), args.runs)]
+    if not args.skip_mobilenet:
+        mb = synth.mobilenetv2(0, 8, 224)
+        xm = np.random.default_rng(0).integers(-128, 128, size=(1, 224, 224, 3)).astype(np.int8)
+        models.append(("MobileNetV2-shaped 224x224 (random weights)", mb, xm, max(5, args.runs // 20)))
+
+    def row(model: str, name: str, fn) -> None:
+        cells = []
+        for t in threads:
+            try:
+                cells.append(f"{fn(t):.0f}")
+            except Exception as exc:  # noqa: BLE001 - a peer that cannot run is reported, not fatal
+                cells.append(f"n/a ({type(exc).__name__}: {str(exc)[:60]})")
+        lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+
+    with tempfile.TemporaryDirectory() as td:
+        for model, qm, x8, runs in models:
+            row(model, "edgekit TVM untuned", lambda t, qm=qm, x8=x8, runs=runs:
+                bench_edgekit(qm, x8, t, runs, False, 0, args.search))
+            if args.trials:
+                row(model, f"edgekit TVM tuned ({args.trials} trials, {args.search})",
+                    lambda t, qm=qm, x8=x8, runs=runs: bench_edgekit(qm, x8, t, runs, True, args.trials, args.search))
+            if qm is r8:
+                ref = str(DATA / "mlperf_tiny_resnet8_int8_reference.tflite")
+                row(model, "LiteRT XNNPACK (MLPerf int8 .tflite)",
+                    lambda t, ref=ref, x8=x8, runs=runs: bench_litert(ref, x8, t, runs))
+                onnx_f = str(DATA / "resnet8_cifar10_fp32.onnx")
+                row(model, "onnxruntime float32",
+                    lambda t, onnx_f=onnx_f, runs=runs: bench_ort(onnx_f, {"input_1": test}, t, runs))
+                from edgekit.export.onnx_qdq import export_onnx
+
+                q = str(Path(td) / "r8_qdq.onnx")
+                export_onnx(qm, q)
+            else:
+                from edgekit.export.onnx_qdq import export_onnx
+                from edgekit.export.tflite import export_tflite
+
+                tfl = str(Path(td) / "mb.tflite")
+                export_tflite(qm, tfl)
+                row(model, "LiteRT XNNPACK (edgekit .tflite export)", lambda t, tfl=tfl, x8=x8, runs=runs:
+                    bench_litert(tfl, x8, t, runs))
+                q = str(Path(td) / "mb_qdq.onnx")
+                export_onnx(qm, q)
+                lines.append(f"| {model} | onnxruntime float32 | n/a (no float model for random weights) |")
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(q, providers=["CPUExecutionProvider"])
+            i0 = sess.get_inputs()[0]
+            xin = (x8.astype(np.int16) + 128).astype(np.uint8) if "uint8" in i0.type else \
+                (x8 if "int8" in i0.type else test if qm is r8 else x8.astype(np.float32))
+            row(model, "onnxruntime int8 (QDQ export)", lambda t, q=q, i0=i0, xin=xin, runs=runs:
+                bench_ort(q, {i0.name: xin}, t, runs))
+    gops, peak, note = gemm_share_of_peak(1024, 1)
+    lines.append("")
+    lines.append(f"Large GEMM 1024x1024x1024 int8 (VNNI tensorized, 1 thread): {gops:.0f} GOPS of an assumed "
+                 f"{peak:.0f} GOPS peak = {100 * gops / peak:.0f}% ({note}).")
+    print(lines[-1])
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    print("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,8 +61,8 @@ def _read_text(path: str | Path) -> str:
 
 
 def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight_bits: int = 8, act_bits: int = 8,
-                act16: tuple[str, ...] | None = None, seq_len: int = 128, n_seqs: int = 32, steps: int = 100,
-                time_budget_s: float | None = 1500.0, lr: float = 2e-2, log: Any = None) -> tuple[QuantLM, dict]:
+                act16: tuple[str, ...] | None = None, seq_len: int = 128, n_seqs: int = 32, steps: int = 200,
+                time_budget_s: float | None = 1380.0, lr: float = 2e-2, log: Any = None) -> tuple[QuantLM, dict]:
     """Quantize ``model`` with ``scheme`` (rtn | smoothquant | mobilequant); returns the integer model and a
     report (calibration tokens, seconds, learning history)."""
     if scheme not in SCHEMES:

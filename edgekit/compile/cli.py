@@ -27,7 +27,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     verify: bool | str = "auto" if args.verify == "auto" else args.verify == "yes"
     res = compile_model(args.model, args.target, args.output, tune=args.tune, trials=args.trials, batch=args.batch,
                         targets_dir=args.targets_dir, tuning_dir=args.tuning_dir, rpc=rpc, verify=verify,
-                        progress=_progress(args.json))
+                        tune_options={"search": args.search}, progress=_progress(args.json))
     if args.json:
         print(json.dumps({"artifact": str(res.path), "seconds": round(res.seconds, 2), **res.manifest}, indent=1))
     else:
@@ -67,6 +67,8 @@ def register(subparsers) -> None:
     c.add_argument("-o", "--output", default=None, help="artifact path (default MODEL.TARGET.tar)")
     c.add_argument("--tune", action="store_true", help="auto-tune with MetaSchedule (persistent database)")
     c.add_argument("--trials", type=int, default=64, help="total MetaSchedule trials (with --tune)")
+    c.add_argument("--search", choices=["evolutionary", "replay"], default="evolutionary",
+                   help="MetaSchedule search: evolutionary (cost model) or replay (random schedules, cheap)")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--targets-dir", default=None, help="extra directory of target TOML files")
     c.add_argument("--tuning-dir", default=None, help="tuning database (default ~/.cache/edgekit/tuning/TARGET)")

@@ -243,13 +243,18 @@ def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def load(path: str | Path) -> QuantModel:
-    """Read an ``.ekq`` file; a corrupt or foreign file raises ``ModelFormatError``."""
+    """Read an ``.ekq`` file (a language model loads as ``edgekit.llm.QuantLM``); a corrupt or
+    foreign file raises ``ModelFormatError``."""
     path = Path(path)
     if not path.exists():
         raise ModelFormatError(f"{path}: no such file")
     try:
         with zipfile.ZipFile(path) as z:
             manifest = json.loads(z.read("model.json"))
+            if manifest.get("format") == "edgekit.lm":  # a quantized language model
+                from edgekit.llm.qlm import load_lm
+
+                return load_lm(path)
             if manifest.get("format") != FORMAT_NAME:
                 raise ModelFormatError(f"{path}: not an edgekit quantized model (format {manifest.get('format')!r})")
             if manifest.get("version") != FORMAT_VERSION:

@@ -59,7 +59,7 @@ def test_integer_model_tracks_float(tiny, tokens, method, wbits):
             qmax = 2 ** (wbits - 1) - 1
             assert np.abs(lw[k].weight).max() <= qmax
     for a in qm.acts:
-        assert a["res_out"].bits == 16 and a["h"].bits == 8
+        assert a["res_out"].bits == 16 and a["h"].bits == 16 and a["attn_in"].bits == a["mlp_in"].bits == 8
     ids = tokens[:48]
     f = float_forward(tiny, ids)
     i = int_forward(qm, ids)
@@ -90,6 +90,9 @@ def test_save_load_is_bit_exact_and_versioned(tiny, tokens, tmp_path):
         assert all(e.get("packed_int4") for e in man["arrays"] if e["name"].endswith(".up.weight"))
     q2 = load_lm(p)
     assert np.array_equal(int_forward(q2, tokens[:30]), int_forward(qm, tokens[:30]))
+    import edgekit
+
+    assert isinstance(edgekit.load(p), QuantLM)  # edgekit.load dispatches on the manifest's format
     man["version"] = 99
     bad = tmp_path / "bad.ekq"
     with zipfile.ZipFile(bad, "w") as z:
@@ -141,7 +144,7 @@ def test_accumulator_bounds(tiny, tokens):
 
 
 def test_act16_list_is_configurable(tiny, tokens):
-    sch = Scheme(act16=DEFAULT_ACT16 + ("h",))
+    sch = Scheme(act16=DEFAULT_ACT16)
     qm = build_quantlm(tiny, calibrate(tiny, "rtn", sch, calib_batches(tokens[200:], 32, 2)), sch)
     assert qm.acts[0]["h"].bits == 16 and qm.acts[0]["gate"].bits == 8
     assert isinstance(qm, QuantLM) and qm.meta["act16"][-1] == "h"

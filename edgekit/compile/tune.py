@@ -78,6 +78,40 @@ def _in_process_builder(cross_cc: str | None):
     return InProcessBuilder()
 
 
+def _scheduled(task) -> bool:
+    for f in task.mod.functions.values():
+        if f.attrs is not None and f.attrs.get("tirx.is_scheduled"):
+            return True
+    return False
+
+
+def gv_untouched(gv, original) -> bool:
+    """True when ``gv`` was not scheduled before tuning (i.e. tuning, not lowering, scheduled it)."""
+    f = original[gv] if gv in original.functions else None
+    return f is None or f.attrs is None or not f.attrs.get("tirx.is_scheduled")
+
+
+def _drop_unbuildable(mod, original, target, say) -> tuple[object, list[str]]:
+    """Compile every tuned kernel alone; one that fails (a TVM codegen bug for that schedule)
+    goes back to its untuned form instead of failing the whole model."""
+    import tvm
+
+    dropped = []
+    for gv, f in list(mod.functions.items()):
+        if not isinstance(f, tvm.tirx.PrimFunc) or f.attrs is None or not f.attrs.get("tirx.is_scheduled"):
+            continue
+        if not gv_untouched(gv, original):
+            continue
+        try:
+            tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
+        except Exception as exc:  # noqa: BLE001 - TVM raises many error types here
+            mod[gv] = original[gv]
+            dropped.append(gv.name_hint)
+            say(f"tuned schedule of {gv.name_hint} does not build ({str(exc).splitlines()[0][:80]}); "
+                "using the untuned kernel")
+    return mod, dropped
+
+
 def _database(work: Path):
     from tvm.s_tir import meta_schedule as ms
 
@@ -154,6 +188,7 @@ def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_
     work = tuning_dir_for(spec, tuning_dir)
     db = _database(work)
     tasks = ms.relax_integration.extract_tasks(lowered.mod, target)
+    tasks = [t for t in tasks if not _scheduled(t)]  # hand-scheduled (tensorized) kernels stay as they are
     if not tune_elementwise:  # the reductions (conv, dense, pools) are where the time goes
         tasks = [t for t in tasks if any(f in t.task_name for f in ("conv2d", "depthwise", "dense", "pool"))] or tasks
     per_task = max(1, math.ceil(trials / max(len(tasks), 1)))
@@ -193,10 +228,12 @@ def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_
             ran = sum(v[0] for v in state.values())
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered.mod)
+    mod, dropped = _drop_unbuildable(mod, lowered.mod, target, say)
     applied = sum(1 for _gv, f in mod.functions.items()
-                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled"))
+                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")
+                  and gv_untouched(_gv, lowered.mod))
     info = {"tuned": True, "tuning_db": str(work), "tuning_tasks": len(tasks), "tuned_kernels": applied,
             "tuning_trials_run": ran, "tuning_seconds": round(time.time() - t0, 1),
-            "tuning_measured_on": "rpc:" + str(rpc["key"]) if rpc else "local"}
+            "tuning_measured_on": "rpc:" + str(rpc["key"]) if rpc else "local", "tuning_dropped": dropped}
     say(f"tuning done: {ran} trials this run, {applied} kernels use tuned schedules ({info['tuning_seconds']} s)")
     return mod, info

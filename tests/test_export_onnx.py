@@ -72,3 +72,20 @@ def test_resnet8_onnxruntime_gap(resnet8_int8, cifar_test):
     assert kernels.get("QLinearConv") == 9 and not FLOAT_COMPUTE & set(kernels), kernels
     gap = compare(run_onnxruntime(data, quantize_input(qm, x)), ref)
     assert gap["max_lsb"] <= 16 and gap["top1_agreement"] >= 0.93 and gap["equal_share"] >= 0.1, gap
+
+
+def test_nchw_born_model_exports_and_runs_in_onnxruntime(tmp_path):
+    """A PyTorch-style NCHW model keeps an input transpose in the integer graph; conv and pooling
+    after it must get NCHW tensors in the ONNX export (regression: they were fed NHWC)."""
+    import edgekit
+    from edgekit import zoo
+    from edgekit.export.onnx_qdq import compare, export_onnx, run_onnxruntime
+    from edgekit.export.tflite import quantize_input
+
+    qm = edgekit.quantize(zoo.tiny_cnn(tmp_path / "tiny.onnx"), zoo.synthetic_images(128, seed=5), progress=False)
+    assert qm.nodes[1].op == "transpose"
+    export_onnx(qm, tmp_path / "tiny_qdq.onnx")
+    x = zoo.synthetic_images(64)
+    got = compare(run_onnxruntime(tmp_path / "tiny_qdq.onnx", quantize_input(qm, x)),
+                  qm.run(x, integer=True)[qm.outputs[0].name])
+    assert got["max_lsb"] <= 6 and got["equal_share"] > 0.3

@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", "2")
 
     import edgekit
-    from edgekit.compile import synth
     from edgekit.compile.build import quantize_input
 
     threads = [int(t) for t in args.threads.split(",")]
@@ -140,11 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     test = np.load(DATA / "cifar10_test.npz")["x"][:1].astype(np.float32)
     calib = np.load(DATA / "cifar10_calib_train1000.npz")["x"][:200].astype(np.float32)
     r8 = edgekit.quantize(DATA / "resnet8_cifar10_fp32.onnx", calib, weight_bits=8, progress=False)
-    models = [("ResNet-8 (CIFAR-10)", r8, quantize_input(r8, test), args.runs)]
-    if not args.skip_mobilenet:
-        mb = synth.mobilenetv2(0, 8, 224)
-        xm = np.random.default_rng(0).integers(-128, 128, size=(1, 224, 224, 3)).astype(np.int8)
-        models.append(("MobileNetV2-shaped 224x224 (random weights)", mb, xm, max(5, args.runs // 20)))
+    models = [("ResNet-8 (CIFAR-10)", r8, quantize_input(r8, test), args.runs, None, None)]
+    work = Path(tempfile.mkdtemp())
+    if not args.skip_mobilenet:  # a float MobileNetV2 (generated weights) quantized by edgekit: every peer runs it
+        from edgekit import zoo
+
+        mb_onnx = zoo.mobilenet_v2_like(work / "mobilenet_v2_like.onnx")
+        mb = edgekit.quantize(mb_onnx, zoo.synthetic_images(16, size=224, seed=5), progress=False)
+        xf = zoo.synthetic_images(1, size=224, seed=3)
+        models.append(("MobileNetV2-shaped 224x224 (generated weights)", mb, quantize_input(mb, xf),
+                       max(5, args.runs // 20), xf, mb_onnx))
 
     def row(model: str, name: str, fn) -> None:
         cells = []
@@ -156,50 +160,36 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
 
-    with tempfile.TemporaryDirectory() as td:
-        for model, qm, x8, runs in models:
-            row(model, "edgekit TVM untuned", lambda t, qm=qm, x8=x8, runs=runs:
-                bench_edgekit(qm, x8, t, runs, False, 0, args.search))
-            if args.trials:
-                row(model, f"edgekit TVM tuned ({args.trials} trials, {args.search})",
-                    lambda t, qm=qm, x8=x8, runs=runs: bench_edgekit(qm, x8, t, runs, True, args.trials, args.search))
-            if qm is r8:
-                ref = str(DATA / "mlperf_tiny_resnet8_int8_reference.tflite")
-                row(model, "LiteRT XNNPACK (MLPerf int8 .tflite)",
-                    lambda t, ref=ref, x8=x8, runs=runs: bench_litert(ref, x8, t, runs))
-                onnx_f = str(DATA / "resnet8_cifar10_fp32.onnx")
-                row(model, "onnxruntime float32",
-                    lambda t, onnx_f=onnx_f, runs=runs: bench_ort(onnx_f, {"input_1": test}, t, runs))
-                from edgekit.export.onnx_qdq import export_onnx
+    import onnxruntime as ort
 
-                q = str(Path(td) / "r8_qdq.onnx")
-                export_onnx(qm, q)
-            else:
-                from edgekit.export.onnx_qdq import export_onnx
-                from edgekit.export.tflite import export_tflite
+    from edgekit.export.onnx_qdq import export_onnx
+    from edgekit.export.tflite import export_tflite
 
-                tfl = str(Path(td) / "mb.tflite")
-                try:  # random rescales are not derived from float32 scales: the exporter may refuse
-                    export_tflite(qm, tfl)
-                    row(model, "LiteRT XNNPACK (edgekit .tflite export)", lambda t, tfl=tfl, x8=x8, runs=runs:
-                        bench_litert(tfl, x8, t, runs))
-                except Exception as exc:  # noqa: BLE001
-                    lines.append(f"| {model} | LiteRT XNNPACK | n/a (export: {str(exc)[:80]}) |")
-                q = str(Path(td) / "mb_qdq.onnx")
-                lines.append(f"| {model} | onnxruntime float32 | n/a (no float model for random weights) |")
-                try:
-                    export_onnx(qm, q)
-                except Exception as exc:  # noqa: BLE001
-                    lines.append(f"| {model} | onnxruntime int8 | n/a (export: {str(exc)[:80]}) |")
-                    continue
-            import onnxruntime as ort
-
-            sess = ort.InferenceSession(q, providers=["CPUExecutionProvider"])
-            i0 = sess.get_inputs()[0]
-            xin = (x8.astype(np.int16) + 128).astype(np.uint8) if "uint8" in i0.type else \
-                (x8 if "int8" in i0.type else test if qm is r8 else x8.astype(np.float32))
-            row(model, "onnxruntime int8 (QDQ export)", lambda t, q=q, i0=i0, xin=xin, runs=runs:
-                bench_ort(q, {i0.name: xin}, t, runs))
+    for model, qm, x8, runs, xf, float_onnx in models:
+        row(model, "edgekit TVM untuned", lambda t, qm=qm, x8=x8, runs=runs:
+            bench_edgekit(qm, x8, t, runs, False, 0, args.search))
+        if args.trials:
+            row(model, f"edgekit TVM tuned ({args.trials} trials, {args.search})",
+                lambda t, qm=qm, x8=x8, runs=runs: bench_edgekit(qm, x8, t, runs, True, args.trials, args.search))
+        if qm is r8:
+            tfl, tfl_name = str(DATA / "mlperf_tiny_resnet8_int8_reference.tflite"), "MLPerf int8 .tflite"
+            float_onnx, feed_f = str(DATA / "resnet8_cifar10_fp32.onnx"), {"input_1": test}
+        else:
+            tfl, tfl_name = str(work / "mb.tflite"), "edgekit .tflite export"
+            export_tflite(qm, tfl)
+            feed_f = {"image": xf}
+        row(model, f"LiteRT XNNPACK ({tfl_name})", lambda t, tfl=tfl, x8=x8, runs=runs: bench_litert(tfl, x8, t, runs))
+        row(model, "onnxruntime float32",
+            lambda t, f=str(float_onnx), feed=feed_f, runs=runs: bench_ort(f, feed, t, runs))
+        q = str(work / f"{len(lines)}_qdq.onnx")
+        export_onnx(qm, q)
+        i0 = ort.InferenceSession(q, providers=["CPUExecutionProvider"]).get_inputs()[0]
+        if "uint8" in i0.type:  # the QDQ export takes uint8 codes (int8 + 128)
+            xin = (x8.astype(np.int16) + 128).astype(np.uint8)
+        else:
+            xin = x8 if "int8" in i0.type else next(iter(feed_f.values()))
+        row(model, "onnxruntime int8 (QDQ export)", lambda t, q=q, i0=i0, xin=xin, runs=runs:
+            bench_ort(q, {i0.name: xin}, t, runs))
     gops, peak, note = gemm_share_of_peak(1024, 1)
     lines.append("")
     lines.append(f"Large GEMM 1024x1024x1024 int8 (VNNI tensorized, 1 thread): {gops:.0f} GOPS of an assumed "

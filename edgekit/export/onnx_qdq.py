@@ -111,6 +111,15 @@ class _OnnxBuilder:
             return self.node("Transpose", [self.v(t)], name=f"{t}:to_nhwc", perm=TO_NHWC)
         return self.v(t)
 
+    def as_nchw(self, t: str) -> str:
+        """The ONNX name of 4-D ``t`` in NCHW, transposing a tensor held in the model's NHWC layout
+        (e.g. after an NCHW-born model's input transpose)."""
+        if self.layout.get(t) == "nchw":
+            return self.v(t)
+        nchw = self.node("Transpose", [self.v(t)], name=f"{t}:to_nchw", perm=TO_NCHW)
+        self.alias[t], self.layout[t] = nchw, "nchw"
+        return nchw
+
     # -- ops ------------------------------------------------------------------------
     def op_conv2d(self, n: QNode) -> None:
         qm, a = self.qm, n.attrs
@@ -129,7 +138,7 @@ class _OnnxBuilder:
         bs = self.const(f"{n.name}:bias_scale", (w_s * np.float32(in_s)).astype(np.float32))
         bz = self.const(f"{n.name}:bias_zp", np.zeros(o, np.int32))
         bf = self.node("DequantizeLinear", [bq, bs, bz], name=f"{n.name}:bias_dq", axis=0)
-        y = self.node("Conv", [self.dq(x), wf, bf], name=n.name, kernel_shape=list(w.shape[1:3]),
+        y = self.node("Conv", [self.dq(x, self.as_nchw(x)), wf, bf], name=n.name, kernel_shape=list(w.shape[1:3]),
                       strides=list(a.get("strides", [1, 1])), dilations=list(a.get("dilations", [1, 1])),
                       pads=list(a.get("pads", [0, 0, 0, 0])), group=int(a.get("groups", 1)))
         self.q_act(y, n, out)
@@ -186,7 +195,7 @@ class _OnnxBuilder:
     def op_avgpool(self, n: QNode) -> None:
         a = n.attrs
         x, out = n.inputs[0], n.outputs[0]
-        y = self.node("AveragePool", [self.dq(x)], name=n.name, kernel_shape=list(a["kernel"]),
+        y = self.node("AveragePool", [self.dq(x, self.as_nchw(x))], name=n.name, kernel_shape=list(a["kernel"]),
                       strides=list(a.get("strides", a["kernel"])), pads=list(a.get("pads", [0, 0, 0, 0])),
                       count_include_pad=0)
         self.q(y, out)
@@ -196,7 +205,7 @@ class _OnnxBuilder:
         a = n.attrs
         x, out = n.inputs[0], n.outputs[0]
         # int8 MaxPool on raw values: padded cells ignored, same scale in and out
-        self.node("MaxPool", [self.v(x)], [out], name=n.name, kernel_shape=list(a["kernel"]),
+        self.node("MaxPool", [self.as_nchw(x)], [out], name=n.name, kernel_shape=list(a["kernel"]),
                   strides=list(a.get("strides", a["kernel"])), pads=list(a.get("pads", [0, 0, 0, 0])))
         self.layout[out] = "nchw"
         lo, hi = int(a.get("act_min", -128)), int(a.get("act_max", 127))

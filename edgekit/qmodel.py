@@ -203,15 +203,21 @@ class QuantModel:
                 data = pack_int4(arr)
             arrays.append((entry, data))
         manifest["arrays"] = [e for e, _ in arrays]
-        tmp = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            _write(z, "model.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-            for entry, data in arrays:
-                buf = io.BytesIO()
-                np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
-                _write(z, entry["file"], buf.getvalue())
-        tmp.replace(path)
-        return path
+        return write_model_zip(path, manifest, arrays)
+
+
+def write_model_zip(path: Path, manifest: dict[str, Any], arrays: list[tuple[dict[str, Any], np.ndarray]]) -> Path:
+    """Write ``model.json`` and each array as ``.npy`` (no pickle) into a zip, atomically
+    (temporary name, then rename), with fixed timestamps so equal models give equal bytes."""
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        _write(z, "model.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
+        for entry, data in arrays:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
+            _write(z, entry["file"], buf.getvalue())
+    tmp.replace(path)
+    return path
 
 
 def _write(z: zipfile.ZipFile, name: str, data: bytes) -> None:

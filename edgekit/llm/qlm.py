@@ -35,7 +35,7 @@ import numpy as np
 
 from edgekit.errors import ModelFormatError
 from edgekit.llm.model import LlamaConfig, apply_rope, rope_tables, silu, softmax
-from edgekit.qmodel import _write, pack_int4, unpack_int4
+from edgekit.qmodel import pack_int4, unpack_int4, write_model_zip
 from edgekit.quant.arith import exact_int_matmul, int_range, quantize_multiplier, requantize
 
 FORMAT_NAME = "edgekit.lm"
@@ -157,15 +157,7 @@ class QuantLM:
             "tokenizer": None if self.tokenizer is None else self.tokenizer.to_str(),
         }
         manifest["arrays"] = [e for e, _ in arrays]
-        tmp = path.with_name(path.name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
-            _write(z, "model.json", json.dumps(manifest, indent=1, sort_keys=True).encode())
-            for entry, data in arrays:
-                buf = io.BytesIO()
-                np.save(buf, np.ascontiguousarray(data), allow_pickle=False)
-                _write(z, entry["file"], buf.getvalue())
-        tmp.replace(path)
-        return path
+        return write_model_zip(path, manifest, arrays)
 
     def weight_bytes(self) -> float:
         """Bytes of integer weights at their bit width."""

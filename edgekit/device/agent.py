@@ -44,6 +44,7 @@ from edgekit.device.protocol import (
     pack_arrays,
     unpack_arrays,
 )
+from edgekit.device.runtimes import AgentError, LoadedModel, runtime_class
 
 AGENT_VERSION = "1"
 RUNTIME_MODULES = {
@@ -54,10 +55,6 @@ RUNTIME_MODULES = {
     "tflite_runtime": "tflite_runtime",
     "onnxruntime": "onnxruntime",
 }
-
-
-class AgentError(Exception):
-    """An error reported back to the host as ``{"ok": false, "error": ...}``."""
 
 
 def unpack_checked(path: Path, dest: Path) -> dict[str, Any]:
@@ -97,175 +94,6 @@ def current_rss_kib() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
     except (OSError, ValueError, IndexError):
         return 0
-
-
-# ---- runtimes ---------------------------------------------------------------------------------
-
-
-class LoadedModel:
-    """A model loaded by one runtime: ``run(inputs) -> outputs`` on numpy arrays."""
-
-    per_layer = False
-    layer_calls = 5  # how many run_timed_layers calls profiling averages over
-
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def run_timed_layers(self, inputs: dict[str, Any]) -> dict[str, float]:
-        raise AgentError("this runtime gives no per-layer times")
-
-    def intermediates(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        raise AgentError("this runtime cannot return intermediate tensors; use a 'reference' artifact")
-
-
-class ReferenceModel(LoadedModel):
-    per_layer = True
-
-    def __init__(self, path: Path, manifest: dict[str, Any], threads: int):
-        from edgekit.qmodel import load
-
-        self.qm = load(path)
-
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return self.qm.run(inputs, integer=True)
-
-    def run_timed_layers(self, inputs: dict[str, Any]) -> dict[str, float]:
-        from edgekit.reference import OPS
-
-        env: dict[str, Any] = dict(inputs)
-        for c in self.qm.constants:
-            if c in self.qm.tensors:
-                env[c] = self.qm.constants[c]
-        times: dict[str, float] = {}
-        for node in self.qm.nodes:
-            t0 = time.perf_counter_ns()
-            env[node.outputs[0]] = OPS[node.op](self.qm, node, env)
-            times[node.name] = (time.perf_counter_ns() - t0) / 1e6
-        return times
-
-    def intermediates(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return self.qm.run_all(inputs)
-
-
-class TFLiteModel(LoadedModel):
-    def __init__(self, path: Path, manifest: dict[str, Any], threads: int):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            try:
-                from tflite_runtime.interpreter import Interpreter
-            except ImportError as exc:
-                raise AgentError("no LiteRT on the device: pip install ai-edge-litert (or tflite-runtime)") from exc
-        self.interp = Interpreter(model_path=str(path), num_threads=threads or None)
-        self.interp.allocate_tensors()
-        self.inputs = self.interp.get_input_details()
-        self.outputs = self.interp.get_output_details()
-
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        import numpy as np
-
-        values = list(inputs.values())
-        batch = values[0].shape[0]
-        outs: dict[str, list[Any]] = {d["name"]: [] for d in self.outputs}
-        for i in range(batch):  # LiteRT models are usually compiled for batch 1
-            for d, v in zip(self.inputs, values, strict=False):
-                self.interp.set_tensor(d["index"], v[i : i + 1].astype(d["dtype"]))
-            self.interp.invoke()
-            for d in self.outputs:
-                outs[d["name"]].append(self.interp.get_tensor(d["index"]))
-        return {k: np.concatenate(v) for k, v in outs.items()}
-
-
-class OnnxModel(LoadedModel):
-    def __init__(self, path: Path, manifest: dict[str, Any], threads: int):
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise AgentError("no onnxruntime on the device: pip install onnxruntime") from exc
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.sess.get_inputs()]
-        self.path, self.threads = path, threads
-
-    per_layer = True
-    layer_calls = 1  # one call runs the model several times itself
-    layer_runs = 3
-
-    def run_timed_layers(self, inputs: dict[str, Any]) -> dict[str, float]:
-        """Per-node times from onnxruntime's own profiler (a separate profiling session)."""
-        import tempfile
-
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory() as tmp:
-            opts = ort.SessionOptions()
-            opts.enable_profiling = True
-            opts.profile_file_prefix = os.path.join(tmp, "ort")
-            if self.threads:
-                opts.intra_op_num_threads = self.threads
-            sess = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-            feeds = dict(zip(self.names, inputs.values(), strict=False))
-            for _ in range(1 + self.layer_runs):  # the first run warms up and is not counted
-                sess.run(None, feeds)
-            with open(sess.end_profiling()) as f:
-                events = json.load(f)
-        runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[1:]
-        times: dict[str, float] = {}
-        for e in events:
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-                if any(a <= e["ts"] <= b for a, b in runs):
-                    name = e["name"][: -len("_kernel_time")]
-                    times[name] = times.get(name, 0.0) + e.get("dur", 0) / 1000.0 / max(1, len(runs))
-        return times
-
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        feeds = dict(zip(self.names, inputs.values(), strict=False))
-        outs = self.sess.run(None, feeds)
-        return {o.name: v for o, v in zip(self.sess.get_outputs(), outs, strict=True)}
-
-
-class TVMModel(LoadedModel):
-    def __init__(self, path: Path, manifest: dict[str, Any], threads: int):
-        try:
-            import tvm
-            from tvm import relax
-        except ImportError as exc:
-            raise AgentError("no TVM runtime on the device: pip install apache-tvm (aarch64 wheel)") from exc
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
-        self.tvm = tvm
-        self.dev = tvm.cpu()
-        self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.dev)
-        self.entry = (manifest.get("extra") or {}).get("entry", "main")
-        self.batch = int((manifest.get("extra") or {}).get("batch", 0) or 0)
-        self.output_names = [o["name"] for o in manifest.get("outputs", [])] or ["output"]
-
-    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        return run_in_batches(self._run_once, inputs, self.batch)
-
-    def _run_once(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        args = [self.tvm.runtime.tensor(v, self.dev) for v in inputs.values()]
-        res = self.vm[self.entry](*args)
-        results = list(res) if not hasattr(res, "numpy") else [res]
-        return {name: r.numpy() for name, r in zip(self.output_names, results, strict=False)}
-
-
-def run_in_batches(run_once, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
-    """Run a library compiled for a static batch over a larger one, ``batch`` samples at a time."""
-    import numpy as np
-
-    n = next(iter(inputs.values())).shape[0]
-    if not batch or n == batch:
-        return run_once(inputs)
-    if n % batch:
-        raise AgentError(f"the library was compiled for batch {batch}; {n} samples do not divide into it")
-    parts = [run_once({k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-RUNTIMES = {"reference": ReferenceModel, "tflite": TFLiteModel, "onnxruntime": OnnxModel, "tvm": TVMModel}
 
 
 # ---- the agent ------------------------------------------------------------------------------
@@ -430,13 +258,12 @@ class Agent:
             raise AgentError("artifact is not deployed on this device; run `edgekit deploy` first")
         manifest = json.loads((entry / "manifest.json").read_text())
         runtime = manifest.get("runtime")
-        if runtime not in RUNTIMES:
-            raise AgentError(f"unknown runtime {runtime!r} in the artifact")
+        model_class = runtime_class(runtime)
         rss0 = current_rss_kib()
         with self.device_lock():
             t0 = time.perf_counter_ns()
             model_path = entry / "files" / manifest["model_file"]
-            self.model = RUNTIMES[runtime](model_path, manifest, int(req.get("threads", 0)))
+            self.model = model_class(model_path, manifest, int(req.get("threads", 0)))
             load_ms = (time.perf_counter_ns() - t0) / 1e6
         self.model_sha, self.manifest = req["sha256"], manifest
         return {
@@ -656,6 +483,7 @@ def bundle_files() -> dict[str, Path]:
         "edgekit/quant/arith.py": pkg / "quant" / "arith.py",
         "edgekit/device/protocol.py": pkg / "device" / "protocol.py",
         "edgekit/device/agent.py": pkg / "device" / "agent.py",
+        **{f"edgekit/device/runtimes/{f.name}": f for f in sorted((pkg / "device" / "runtimes").glob("*.py"))},
     }
 
 

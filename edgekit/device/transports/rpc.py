@@ -107,7 +107,7 @@ class RPCSession:
     def run(self, inputs: dict[str, np.ndarray], timeout: float | None = None) -> tuple[dict[str, np.ndarray], float]:
         if self.vm is None:
             raise DeviceError("no model loaded")
-        from edgekit.device.agent import run_in_batches
+        from edgekit.device.runtimes import run_in_batches
 
         t0 = time.perf_counter()
         outs = run_in_batches(self._run_once, inputs, self.batch)

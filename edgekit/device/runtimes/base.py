@@ -1,0 +1,38 @@
+"""What every device runtime implements, and the error the agent reports back to the host."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AgentError(Exception):
+    """An error reported back to the host as ``{"ok": false, "error": ...}``."""
+
+
+class LoadedModel:
+    """A model loaded by one runtime: ``run(inputs) -> outputs`` on numpy arrays."""
+
+    per_layer = False
+    layer_calls = 5  # how many run_timed_layers calls profiling averages over
+
+    def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run_timed_layers(self, inputs: dict[str, Any]) -> dict[str, float]:
+        raise AgentError("this runtime gives no per-layer times")
+
+    def intermediates(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        raise AgentError("this runtime cannot return intermediate tensors; use a 'reference' artifact")
+
+
+def run_in_batches(run_once, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Run a library compiled for a static batch over a larger one, ``batch`` samples at a time."""
+    import numpy as np
+
+    n = next(iter(inputs.values())).shape[0]
+    if not batch or n == batch:
+        return run_once(inputs)
+    if n % batch:
+        raise AgentError(f"the library was compiled for batch {batch}; {n} samples do not divide into it")
+    parts = [run_once({k: v[i : i + batch] for k, v in inputs.items()}) for i in range(0, n, batch)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -209,3 +209,24 @@ def reference_logits(qm: QuantModel, x: np.ndarray) -> np.ndarray:
     if key not in _REF:
         _REF[key] = qm.run(x.astype(np.float32), integer=True)[qm.outputs[0].name]
     return _REF[key]
+
+
+def every_op_model(with_depthwise: bool = False, seed: int = 5) -> QuantModel:
+    """A small graph that uses every exportable op once (conv, pools, add, requantize, concat, pad,
+    mul, table, transpose, clamp, reshape, dense); optionally a depthwise conv after the first conv."""
+    b = Builder((None, 8, 8, 4), seed=seed)
+    c = b.conv(b.x, 8)
+    if with_depthwise:
+        c = b.conv(c, 8, groups=8, act=(-40, 70))
+    m = b.pool("maxpool", c, k=3, stride=2, pads=[0, 0, 1, 1])  # SAME for 8x8
+    a = b.pool("avgpool", c, k=3, stride=2, pads=[0, 0, 1, 1])
+    s = b.add(m, a, relu=False)
+    r = b.requantize(s, 0.6, act=(-100, 100))
+    cat = b.concat([s, r, m])
+    p = b.simple("pad", cat, (None, 6, 6, 24), {"pads": [[0, 0], [1, 1], [1, 1], [0, 0]]})
+    q = b.mul(p, p)
+    t = b.lut(q)
+    t = b.simple("transpose", t, (None, 24, 6, 6), {"perm": [0, 3, 1, 2]})
+    t = b.simple("clamp", t, (None, 24, 6, 6), {"act_min": -30, "act_max": 90})
+    f = b.simple("reshape", t, (None, 864), {"shape": [None, 864]})
+    return b.build(b.dense(f, 10, relu=True))

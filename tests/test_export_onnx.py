@@ -8,7 +8,7 @@ from edgekit.errors import UnsupportedOpsError
 from edgekit.export.onnx_qdq import compare, export_onnx, integer_kernels, run_onnxruntime, to_onnx
 from edgekit.export.tflite import quantize_input
 from edgekit.qmodel import QNode
-from tests.export_helpers import Builder, random_input, reference_logits, tiny_resnet
+from tests.export_helpers import every_op_model, random_input, reference_logits, tiny_resnet
 
 FLOAT_COMPUTE = {"Conv", "FusedConv", "MatMul", "Gemm", "AveragePool", "Add", "Mul"}
 
@@ -32,21 +32,7 @@ def test_tiny_resnet_integer_kernels_and_small_gap(tmp_path):
 
 
 def test_every_op_runs_in_onnxruntime():
-    b = Builder((None, 8, 8, 4), seed=5)
-    c = b.conv(b.x, 8)
-    d = b.conv(c, 8, groups=8, act=(-40, 70))
-    m = b.pool("maxpool", d, k=3, stride=2, pads=[0, 0, 1, 1])
-    a = b.pool("avgpool", d, k=3, stride=2, pads=[0, 0, 1, 1])
-    s = b.add(m, a, relu=False)
-    r = b.requantize(s, 0.6, act=(-100, 100))
-    cat = b.concat([s, r, m])
-    p = b.simple("pad", cat, (None, 6, 6, 24), {"pads": [[0, 0], [1, 1], [1, 1], [0, 0]]})
-    q = b.mul(p, p)
-    t = b.lut(q)
-    t = b.simple("transpose", t, (None, 24, 6, 6), {"perm": [0, 3, 1, 2]})
-    t = b.simple("clamp", t, (None, 24, 6, 6), {"act_min": -30, "act_max": 90})
-    f = b.simple("reshape", t, (None, 864), {"shape": [None, 864]})
-    qm = b.build(b.dense(f, 10, relu=True))
+    qm = every_op_model(with_depthwise=True)
     for act in ("uint8", "int8"):
         gap, _ = _gap(qm, 16, act)
         # float requantization differs by a few LSB before the (steep) tanh table, which can

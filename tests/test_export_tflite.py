@@ -16,7 +16,7 @@ from edgekit.export.tflite import (
     to_tflite_bytes,
 )
 from edgekit.qmodel import QNode
-from tests.export_helpers import Builder, random_input, reference_logits, tiny_resnet
+from tests.export_helpers import Builder, every_op_model, random_input, reference_logits, tiny_resnet
 
 
 def _check(qm, n=32, seed=1, xnnpack=False, **opts):
@@ -58,21 +58,7 @@ def test_conv_variants_bit_exact():
 
 
 def test_pools_add_mul_requant_concat_pad_lut_bit_exact():
-    b = Builder((None, 8, 8, 4), seed=5)
-    c = b.conv(b.x, 8)
-    m = b.pool("maxpool", c, k=3, stride=2, pads=[0, 0, 1, 1])  # SAME for 8x8
-    a = b.pool("avgpool", c, k=3, stride=2, pads=[0, 0, 1, 1])
-    s = b.add(m, a, relu=False)
-    r = b.requantize(s, 0.6, act=(-100, 100))
-    cat = b.concat([s, r, m])
-    p = b.simple("pad", cat, (None, 6, 6, 24), {"pads": [[0, 0], [1, 1], [1, 1], [0, 0]]})
-    q = b.mul(p, p)
-    t = b.lut(q)
-    t = b.simple("transpose", t, (None, 24, 6, 6), {"perm": [0, 3, 1, 2]})
-    t = b.simple("clamp", t, (None, 24, 6, 6), {"act_min": -30, "act_max": 90})
-    f = b.simple("reshape", t, (None, 864), {"shape": [None, 864]})
-    y = b.dense(f, 10, relu=True)
-    qm = b.build(y)
+    qm = every_op_model()
     data = _exact(qm, n=24)
     ops = summarize_ops(data)
     for op in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "ADD", "QUANTIZE", "CONCATENATION", "PAD", "MUL", "GATHER",

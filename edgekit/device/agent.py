@@ -481,6 +481,7 @@ def bundle_files() -> dict[str, Path]:
         "edgekit/qmodel.py": pkg / "qmodel.py",
         "edgekit/reference.py": pkg / "reference.py",
         "edgekit/quant/arith.py": pkg / "quant" / "arith.py",
+        **{f"edgekit/llm/{n}": pkg / "llm" / n for n in ("__init__.py", "model.py", "qlm.py")},  # runtime "lm"
         "edgekit/device/protocol.py": pkg / "device" / "protocol.py",
         "edgekit/device/agent.py": pkg / "device" / "agent.py",
         **{f"edgekit/device/runtimes/{f.name}": f for f in sorted((pkg / "device" / "runtimes").glob("*.py"))},

@@ -17,6 +17,7 @@ RUNTIMES = {
     "tflite": "litert:TFLiteModel",
     "onnxruntime": "onnxrt:OnnxModel",
     "tvm": "tvm_vm:TVMModel",
+    "lm": "lm:LMModel",
 }
 
 

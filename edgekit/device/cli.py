@@ -82,9 +82,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from edgekit.device.deploy import deploy
+    from edgekit.llm.artifact import device_artifact  # an edgekit.lm .ekq is packed as an "lm" artifact
 
     with _open(args) as s:
-        res = deploy(s, args.artifact, progress=_progress("upload"), force=args.force)
+        res = deploy(s, device_artifact(args.artifact)[0], progress=_progress("upload"), force=args.force)
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     else:
@@ -95,12 +96,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from edgekit.device import profile as prof
+    from edgekit.llm.artifact import add_token_rates, device_artifact  # LMs: .ekq accepted, tokens/s reported
 
     reports = []
     with _open(args) as s:
-        for artifact in args.artifact:
-            reports.append(prof.profile(s, artifact, runs=args.runs, warmup=args.warmup, threads=args.threads,
-                                        data=args.input, timeout=args.timeout))
+        for artifact, data in (device_artifact(a, args.input) for a in args.artifact):
+            reports.append(add_token_rates(prof.profile(s, artifact, runs=args.runs, warmup=args.warmup,
+                                                        threads=args.threads, data=data, timeout=args.timeout)))
     if args.png:
         prof.render_png(reports, args.png)
     if args.json:

@@ -1,6 +1,12 @@
 """Running aarch64 artifacts on this x86 machine: a tiny C++ runner (``runner.cc``) linked
 against the aarch64 ``libtvm_runtime.so`` (from the aarch64 apache-tvm wheel, cached by
-``tools/setup.d/40-tvm.sh``), executed under qemu-user with an explicit ``QEMU_CPU``."""
+``tools/setup.d/40-tvm.sh``), executed under qemu-user with an explicit ``QEMU_CPU``.
+
+The same runner plus the two runtime libraries is the TVM runtime an aarch64 device needs (the
+device agent drives it, ``edgekit/device/runtimes/tvm_runner.py``): ``install_device_runtime(DIR)``
+or ``python -m edgekit.compile.emulate --device-runtime DIR`` writes ``DIR/bin/ek_runner`` and
+``DIR/lib/libtvm_{runtime,ffi}.so`` (the runner finds ``../lib`` by its rpath); copy ``DIR`` to
+``/opt/edgekit-tvm`` on the device."""
 
 from __future__ import annotations
 
@@ -69,8 +75,21 @@ def runner_binary() -> Path:
         raise EmulationUnavailable("aarch64-linux-gnu-g++ is missing: apt-get install g++-aarch64-linux-gnu")
     inc = sum((["-I", d] for d in _host_include_dirs()), [])
     tmp = out.with_name(out.name + ".tmp")
-    cmd = [cxx, "-std=c++17", "-O2", *inc, str(src), "-o", str(tmp), "-L", str(lib), "-ltvm_runtime", "-ltvm_ffi",
-           f"-Wl,-rpath,{lib}"]
+    # rpath: the host's cache (qemu-user runs here) and ../lib beside the binary (the layout on a device)
+    cmd = [
+        cxx,
+        "-std=c++17",
+        "-O2",
+        *inc,
+        str(src),
+        "-o",
+        str(tmp),
+        "-L",
+        str(lib),
+        "-ltvm_runtime",
+        "-ltvm_ffi",
+        f"-Wl,-rpath,{lib}:$ORIGIN/../lib:$ORIGIN",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise EmulationUnavailable(f"building the aarch64 runner failed:\n{r.stderr[-2000:]}")
@@ -78,8 +97,41 @@ def runner_binary() -> Path:
     return out
 
 
-def run_aarch64(lib_path: str | Path, xs: list[np.ndarray], out_shapes: list[list[int]], qemu_cpu: str,
-                repeats: int = 0, timeout: float = 600.0) -> tuple[list[list[np.ndarray]], float | None]:
+DEVICE_LIBRARIES = ("libtvm_runtime.so", "libtvm_ffi.so")
+
+
+def device_runtime_files() -> dict[str, Path]:
+    """What an aarch64 device needs to run TVM artifacts: {path under the prefix: file here}."""
+    lib = runtime_dir()
+    files = {"bin/ek_runner": runner_binary()}
+    for name in DEVICE_LIBRARIES:
+        if not (lib / name).is_file():
+            raise EmulationUnavailable(f"no {name} in {lib}: run tools/setup.d/40-tvm.sh")
+        files[f"lib/{name}"] = lib / name
+    return files
+
+
+def install_device_runtime(prefix: str | Path) -> Path:
+    """Write the aarch64 TVM device runtime (runner + libraries) under ``prefix``."""
+    prefix = Path(prefix)
+    for rel, src in device_runtime_files().items():
+        dst = prefix / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.chmod(0o755)
+        tmp.replace(dst)
+    return prefix
+
+
+def run_aarch64(
+    lib_path: str | Path,
+    xs: list[np.ndarray],
+    out_shapes: list[list[int]],
+    qemu_cpu: str,
+    repeats: int = 0,
+    timeout: float = 600.0,
+) -> tuple[list[list[np.ndarray]], float | None]:
     """Run a compiled aarch64 library on each int8 input of ``xs`` (one qemu process for all);
     returns (per input, the list of outputs; median microseconds of ``repeats`` timed runs or None)."""
     if not qemu_cpu:
@@ -92,8 +144,16 @@ def run_aarch64(lib_path: str | Path, xs: list[np.ndarray], out_shapes: list[lis
     with tempfile.TemporaryDirectory(prefix="ek-qemu-") as td:
         fin, fout = Path(td) / "in.bin", Path(td) / "out.bin"
         np.ascontiguousarray(np.stack(xs), dtype=np.int8).tofile(fin)
-        cmd = [qemu_binary(), str(runner), str(Path(lib_path).resolve()), str(fin), str(fout), str(len(shape)),
-               *map(str, shape), str(repeats)]
+        cmd = [
+            qemu_binary(),
+            str(runner),
+            str(Path(lib_path).resolve()),
+            str(fin),
+            str(fout),
+            str(len(shape)),
+            *map(str, shape),
+            str(repeats),
+        ]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
         if r.returncode != 0:
             raise EdgekitError(f"the aarch64 run under qemu ({qemu_cpu}) failed: {r.stderr[-1500:]}")
@@ -111,3 +171,16 @@ def run_aarch64(lib_path: str | Path, xs: list[np.ndarray], out_shapes: list[lis
         if line.startswith("median_us"):
             median = float(line.split()[1])
     return results, median
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="aarch64 TVM runner (built for qemu checks and for devices)")
+    ap.add_argument(
+        "--device-runtime",
+        metavar="DIR",
+        required=True,
+        help="write bin/ek_runner and lib/libtvm_{runtime,ffi}.so under DIR (copy it to /opt/edgekit-tvm)",
+    )
+    print(install_device_runtime(ap.parse_args().device_runtime))

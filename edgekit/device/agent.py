@@ -152,6 +152,11 @@ class Agent:
         runtimes = {}
         for name, module in RUNTIME_MODULES.items():
             runtimes[name] = importlib.util.find_spec(module) is not None
+        from edgekit.device.runtimes.tvm_runner import find_runner
+
+        runner = find_runner()
+        runtimes["tvm_runner"] = runner is not None  # the TVM runtime without Python TVM (ek_runner)
+        runtimes["tvm"] = runtimes["tvm"] or runtimes["tvm_runner"]
         return {
             "arch": platform.machine(),
             "cpu": cpu,
@@ -259,6 +264,9 @@ class Agent:
         manifest = json.loads((entry / "manifest.json").read_text())
         runtime = manifest.get("runtime")
         model_class = runtime_class(runtime)
+        if self.model is not None:
+            self.model.close()
+            self.model = None
         rss0 = current_rss_kib()
         with self.device_lock():
             t0 = time.perf_counter_ns()
@@ -270,7 +278,7 @@ class Agent:
             "load_ms": load_ms,
             "runtime": runtime,
             "rss_before_kib": rss0,
-            "rss_after_kib": current_rss_kib(),
+            "rss_after_kib": current_rss_kib() + self.model.extra_rss_kib(peak=False),
             "per_layer": self.model.per_layer,
         }, []
 
@@ -287,7 +295,8 @@ class Agent:
             outputs = model.run(inputs)
             ms = (time.perf_counter_ns() - t0) / 1e6
         out: list[bytes] = []
-        return {"outputs": pack_arrays(outputs, out), "time_ms": ms, "peak_rss_kib": peak_rss_kib()}, out
+        peak = peak_rss_kib() + model.extra_rss_kib(peak=True)
+        return {"outputs": pack_arrays(outputs, out), "time_ms": ms, "peak_rss_kib": peak}, out
 
     def op_profile(self, req: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
         model = self._loaded()
@@ -295,15 +304,19 @@ class Agent:
         runs, warmup = int(req["runs"]), int(req.get("warmup", 1))
         with self.device_lock():
             start = time.monotonic()
-            t0 = time.perf_counter_ns()
-            for _ in range(warmup):
-                model.run(inputs)
-            warmup_ms = (time.perf_counter_ns() - t0) / 1e6
-            lat = []
-            for _ in range(runs):
+            timed = model.timed_runs(inputs, runs, warmup)  # a runner process times itself
+            if timed is not None:
+                warmup_ms, lat = timed
+            else:
                 t0 = time.perf_counter_ns()
-                model.run(inputs)
-                lat.append((time.perf_counter_ns() - t0) / 1e6)
+                for _ in range(warmup):
+                    model.run(inputs)
+                warmup_ms = (time.perf_counter_ns() - t0) / 1e6
+                lat = []
+                for _ in range(runs):
+                    t0 = time.perf_counter_ns()
+                    model.run(inputs)
+                    lat.append((time.perf_counter_ns() - t0) / 1e6)
             layers: dict[str, float] = {}
             if model.per_layer and req.get("per_layer", True):
                 n = max(1, min(runs, model.layer_calls))
@@ -315,7 +328,7 @@ class Agent:
             "latencies_ms": lat,
             "warmup_ms": warmup_ms,
             "layers_ms": layers,
-            "peak_rss_kib": peak_rss_kib(),
+            "peak_rss_kib": peak_rss_kib() + model.extra_rss_kib(peak=True),
             "window": [start, end],
         }, []
 

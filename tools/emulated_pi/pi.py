@@ -1,6 +1,7 @@
 """Bring the emulated Raspberry Pi up and down.
 
-``up``: restore the cached aarch64 rootfs, bind-mount /proc, /dev and a Pi-like cpuinfo, start
+``up``: restore the cached aarch64 rootfs, install the agent and the TVM runtime (``/opt/edgekit-tvm``:
+edgekit's ``ek_runner`` and the aarch64 ``libtvm_runtime.so``), bind-mount /proc, /dev and a Pi-like cpuinfo, start
 OpenSSH's sshd on loopback (``QEMU_CPU=cortex-a72``, see the field notes), a pty-pair serial line
 with the edgekit agent on the device end, and a small adbd; print one JSON object with the URLs.
 ``down``: stop every process running inside the rootfs, unmount, remove the run directory.
@@ -28,6 +29,7 @@ RUN_DIR = Path(os.environ.get("EDGEKIT_PI_DIR", CACHE_DIR / "emulated-pi"))
 QEMU_CPU = "cortex-a72"
 DEVICE_AGENT_DIR = "/opt/edgekit-agent"
 DEVICE_ROOT = "/root/.edgekit"
+TVM_PREFIX = "/opt/edgekit-tvm"  # edgekit.device.runtimes.tvm_runner.DEFAULT_PREFIX
 HERE = Path(__file__).resolve().parent
 
 
@@ -84,8 +86,9 @@ def chroot_env() -> dict[str, str]:
 def spawn(args: list[str], log_file: Path) -> int:
     """Start a process in its own session (so down can end its group); returns its pid."""
     with open(log_file, "ab") as out:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
-                                env=chroot_env())
+        proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True, env=chroot_env()
+        )
     return proc.pid
 
 
@@ -100,6 +103,19 @@ def install_agent(rootfs: Path) -> None:
         (dest / name).parent.mkdir(parents=True, exist_ok=True)
         (dest / name).write_bytes(data)
     shutil.copy(HERE / "adbd.py", dest / "adbd.py")
+
+
+def install_tvm_runtime(rootfs: Path) -> bool:
+    """The TVM runtime the rpi targets name (libtvm_runtime.so, libtvm_ffi.so) and edgekit's runner for
+    it, under /opt/edgekit-tvm: what a real Pi needs to run TVM artifacts without Python TVM."""
+    try:
+        from edgekit.compile import emulate
+
+        emulate.install_device_runtime(rootfs / TVM_PREFIX.lstrip("/"))
+        return True
+    except Exception as exc:  # no cross compiler / runtime cache / host tvm: the device simply lacks TVM
+        log(f"no TVM runtime on the device ({exc})")
+        return False
 
 
 def setup_ssh(rootfs: Path, port: int) -> dict[str, str]:
@@ -159,6 +175,7 @@ def up() -> dict:
     restore(rootfs)
     log(f"rootfs restored in {time.monotonic() - t0:.1f} s")
     install_agent(rootfs)
+    tvm = install_tvm_runtime(rootfs)
     state: dict = {"rootfs": str(rootfs), "mounts": [], "pids": {}}
     state_file().write_text(json.dumps(state))
     state["mounts"] = mount_all(rootfs)
@@ -168,14 +185,16 @@ def up() -> dict:
 
     ssh_port = free_port()
     ssh = setup_ssh(rootfs, ssh_port)
-    subprocess.run(["chroot", str(rootfs), "/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config_edgekit"], check=True,
-                   env=chroot_env())
+    subprocess.run(
+        ["chroot", str(rootfs), "/usr/sbin/sshd", "-f", "/etc/ssh/sshd_config_edgekit"], check=True, env=chroot_env()
+    )
     wait_for(lambda: (rootfs / "run/sshd-edgekit.pid").exists(), "sshd", 60)
     state["pids"]["sshd"] = int((rootfs / "run/sshd-edgekit.pid").read_text())
 
     host_tty, device_tty = RUN_DIR / "ttyHOST", RUN_DIR / "ttyDEVICE"
-    state["pids"]["serial"] = spawn([sys.executable, str(HERE / "ptyrelay.py"), str(host_tty), str(device_tty)],
-                                    logs / "serial.log")
+    state["pids"]["serial"] = spawn(
+        [sys.executable, str(HERE / "ptyrelay.py"), str(host_tty), str(device_tty)], logs / "serial.log"
+    )
     wait_for(lambda: host_tty.exists() and device_tty.exists(), "serial line", 10)
     device_pts = os.readlink(device_tty)
     agent = f"{DEVICE_AGENT_DIR}/{AGENT_LAUNCHER}"
@@ -194,6 +213,7 @@ def up() -> dict:
         "adb": f"adb://127.0.0.1:{adb_port}",
         "rootfs": str(rootfs),
         "qemu_cpu": QEMU_CPU,
+        "tvm_runtime": TVM_PREFIX if tvm else None,
     }
     state_file().write_text(json.dumps(state, indent=1))
     log(f"up in {time.monotonic() - t0:.1f} s")
@@ -237,8 +257,13 @@ def discard(tree: Path) -> None:
         return
     trash = RUN_DIR / f".trash-{os.getpid()}-{time.monotonic_ns()}"
     os.rename(tree, trash)
-    subprocess.Popen(["nice", "-n", "19", "rm", "-rf", "--one-file-system", str(trash)], start_new_session=True,
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.Popen(
+        ["nice", "-n", "19", "rm", "-rf", "--one-file-system", str(trash)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def down() -> None:
@@ -258,8 +283,9 @@ def down() -> None:
         time.sleep(0.3)
     adb_url = state.get("urls", {}).get("adb", "")
     if adb_url and shutil.which("adb"):
-        subprocess.run(["adb", "disconnect", adb_url.removeprefix("adb://")], capture_output=True, timeout=10,
-                       check=False)
+        subprocess.run(
+            ["adb", "disconnect", adb_url.removeprefix("adb://")], capture_output=True, timeout=10, check=False
+        )
     _unmount_all(rootfs)
     with open("/proc/mounts") as f:
         still = [line.split()[1] for line in f if line.split()[1].startswith(os.path.realpath(rootfs))]

@@ -16,7 +16,7 @@ RUNTIMES = {
     "reference": "reference:ReferenceModel",
     "tflite": "litert:TFLiteModel",
     "onnxruntime": "onnxrt:OnnxModel",
-    "tvm": "tvm_vm:TVMModel",
+    "tvm": "tvm_runner:TVMModel",  # ek_runner (TVM runtime only) if installed, else the tvm Python package
     "lm": "lm:LMModel",
 }
 

@@ -24,6 +24,18 @@ class LoadedModel:
     def intermediates(self, inputs: dict[str, Any]) -> dict[str, Any]:
         raise AgentError("this runtime cannot return intermediate tensors; use a 'reference' artifact")
 
+    def timed_runs(self, inputs: dict[str, Any], runs: int, warmup: int) -> tuple[float, list[float]] | None:
+        """(warm-up ms, per-run ms) timed by the runtime itself (e.g. in a runner process), or None to
+        let the agent time ``run`` calls."""
+        return None
+
+    def extra_rss_kib(self, peak: bool) -> int:
+        """Resident memory outside the agent's process (a runner child), peak or current."""
+        return 0
+
+    def close(self) -> None:
+        """Release what the model holds (child processes); called before another model is loaded."""
+
 
 def run_in_batches(run_once, inputs: dict[str, Any], batch: int) -> dict[str, Any]:
     """Run a library compiled for a static batch over a larger one, ``batch`` samples at a time."""

@@ -43,6 +43,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-2)
     ap.add_argument("--time-budget", type=float, default=1380.0, help="seconds of learning per learned model")
     ap.add_argument("--configs", default="float,rtn-w8a8,smoothquant-w8a8,mobilequant-w8a8,mobilequant-w4a8")
+    ap.add_argument("--group-size", type=int, default=None,
+                    help="int4 weight group size (default 32 for 4-bit weights; 0 = per channel)")
     ap.add_argument("--act16-extra", default="", help="comma list of tensors added to the 16-bit list")
     ap.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--save-dir", default=None)
@@ -79,7 +81,8 @@ def main() -> int:
             scheme, bits = cfg.rsplit("-", 1)
             wb = int(bits[1])
             qm, rep = quantize_lm(model, scheme, calib_ids, weight_bits=wb, act_bits=8, act16=act16,
-                                  seq_len=args.seq_len, n_seqs=args.calib_seqs, steps=args.steps, lr=args.lr,
+                                  group_size=args.group_size, seq_len=args.seq_len, n_seqs=args.calib_seqs,
+                                  steps=args.steps, lr=args.lr,
                                   time_budget_s=args.time_budget, log=log)
             qsec = time.time() - t1
             if args.save_dir:
@@ -87,7 +90,7 @@ def main() -> int:
                 qm.save(Path(args.save_dir) / f"smollm2-{cfg}.ekq")
             r = perplexity(qm, eval_ids, args.window)
             rows.append({"config": cfg, **r, "quant_seconds": qsec, "peak_mb": peak_mb(), "report": rep,
-                         "weight_mb": qm.weight_bytes() / 1e6})
+                         "weight_mb": qm.weight_bytes() / 1e6, "group_size": qm.meta.get("group_size", 0)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}), flush=True)
     fppl = next((r["perplexity"] for r in rows if r["config"] == "float"), None)
     lines = ["# edgekit.llm benchmark: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized) on WikiText-2 test", "",
@@ -95,14 +98,16 @@ def main() -> int:
              f"for every quantized model; 16-bit tensors: {', '.join(act16)}; everything else int8",
              f"- learning: seq {args.seq_len} x {args.calib_seqs} windows, lr {args.lr}, <= {args.steps} steps, "
              f"budget {args.time_budget:.0f} s per model, torch threads {args.threads}", "",
-             "| config | tokens | predicted | perplexity | vs float | quantize s | eval s | peak RSS MB "
-             "| learn steps |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| config | group | tokens | predicted | perplexity | vs float | weight MB | quantize s | eval s "
+             "| peak RSS MB | learn steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = "" if fppl is None else f"{100 * (r['perplexity'] / fppl - 1):+.2f}%"
         steps = r.get("report", {}).get("learn", {}).get("steps", "")
-        lines.append(f"| {r['config']} | {r['tokens']} | {r['predicted']} | {r['perplexity']:.3f} | {rel} | "
-                     f"{r['quant_seconds']:.0f} | {r['seconds']:.0f} | {r['peak_mb']:.0f} | {steps} |")
+        wmb = f"{r['weight_mb']:.2f}" if "weight_mb" in r else ""
+        lines.append(f"| {r['config']} | {r.get('group_size') or ''} | {r['tokens']} | {r['predicted']} | "
+                     f"{r['perplexity']:.3f} | {rel} | {wmb} | {r['quant_seconds']:.0f} | {r['seconds']:.0f} | "
+                     f"{r['peak_mb']:.0f} | {steps} |")
     if args.minilm:
         from edgekit.llm.bert import minilm_cosine
 

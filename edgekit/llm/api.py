@@ -15,6 +15,7 @@ from edgekit.llm.quantize import build_quantlm, calib_batches, calibrate
 from edgekit.llm.sim import Scheme
 
 SCHEMES = ("rtn", "smoothquant", "mobilequant")
+DEFAULT_GROUP = 32  # group-wise int4 for 4-bit weights (BENCHMARK.md)
 
 
 def tokenize(tokenizer: Any, text: str) -> np.ndarray:
@@ -61,16 +62,20 @@ def _read_text(path: str | Path) -> str:
 
 
 def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight_bits: int = 8, act_bits: int = 8,
-                act16: tuple[str, ...] | None = None, seq_len: int = 128, n_seqs: int = 32, steps: int = 200,
+                act16: tuple[str, ...] | None = None, group_size: int | None = None, seq_len: int = 128,
+                n_seqs: int = 32, steps: int = 200,
                 time_budget_s: float | None = 1380.0, lr: float = 2e-2, log: Any = None) -> tuple[QuantLM, dict]:
     """Quantize ``model`` with ``scheme`` (rtn | smoothquant | mobilequant); returns the integer model and a
-    report (calibration tokens, seconds, learning history)."""
+    report (calibration tokens, seconds, learning history). ``group_size``: int4 weights in groups of that many
+    input channels (progressive, integer group scales); default 32 for 4-bit weights, 0 (per channel) turns
+    groups off."""
     if scheme not in SCHEMES:
         raise EdgekitError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     if weight_bits not in (4, 8) or act_bits not in (8, 16):
         raise EdgekitError("weight bits must be 8 or 4 and activation bits 8 or 16")
-    sch = Scheme(weight_bits=weight_bits, act_bits=act_bits) if act16 is None else \
-        Scheme(weight_bits=weight_bits, act_bits=act_bits, act16=tuple(act16))
+    gs = (DEFAULT_GROUP if weight_bits == 4 else 0) if group_size is None else int(group_size)
+    sch = Scheme(weight_bits=weight_bits, act_bits=act_bits, group_size=gs) if act16 is None else \
+        Scheme(weight_bits=weight_bits, act_bits=act_bits, act16=tuple(act16), group_size=gs)
     batches = calib_batches(calib_ids, seq_len, n_seqs)
     t0 = time.time()
     ops = None

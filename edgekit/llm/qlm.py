@@ -4,7 +4,8 @@ reference executor with a KV cache.
 What is integer and what is not (per decoder layer):
 
 - every linear (q k v o gate up down, lm_head): int8 (or 16-bit where chosen) activations minus their zero
-  point, times int8/int4 per-output-channel symmetric weights, exact int32/int64 accumulation
+  point, times int8/int4 per-output-channel symmetric weights (or group-wise int4 expanded to int8 by one
+  integer multiply per weight, ``expand_int4_groups``), exact int32/int64 accumulation
   (``exact_int_matmul``), int32 bias, then a per-channel dyadic rescale (``requantize``) to the next
   static per-tensor scale;
 - attention scores q.k^T and probs.v: integer matmuls of 8-bit (or 16-bit) operands; probs.v rescaled
@@ -39,7 +40,8 @@ from edgekit.qmodel import pack_int4, unpack_int4, write_model_zip
 from edgekit.quant.arith import exact_int_matmul, int_range, quantize_multiplier, requantize
 
 FORMAT_NAME = "edgekit.lm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written only when a linear is group-wise int4; plain files stay version 1
+READ_VERSIONS = (1, 2)
 
 LAYER_ACTS = ("attn_in", "q", "k", "v", "probs", "attn_out", "o_out", "res_mid", "mlp_in", "gate", "up", "silu",
               "h", "down_out", "res_out")
@@ -89,12 +91,59 @@ class ActQ:
 
 @dataclass
 class QLinear:
-    """Integer weights [out, in] (symmetric, per output channel) and int32 bias."""
+    """Integer weights [out, in] as the integer matmul takes them, a per-output-channel scale, an int32 bias.
+
+    ``bits`` is the width of the values in ``weight`` (8, or 4 for per-channel int4). Group-wise int4
+    (``group_size`` > 0, progressive as in QServe): ``q4`` [out, in] uint4 codes, ``g_scale`` in 1..16 and
+    ``g_zero`` in 0..15 [out, in // group_size] per group; ``weight`` is then their exact int8 expansion
+    ``(q4 - g_zero) * g_scale`` (``expand_int4_groups``, |value| <= 127), ``bits`` is 8 (what consumers of
+    ``weight`` see) and ``w_scale`` is the per-channel scale of that int8 level. Files store only the 4-bit
+    codes and group parameters (``storage_bits`` 4)."""
 
     weight: np.ndarray
     w_scale: np.ndarray
     bias: np.ndarray
     bits: int
+    group_size: int = 0
+    q4: np.ndarray | None = None
+    g_scale: np.ndarray | None = None
+    g_zero: np.ndarray | None = None
+
+    @staticmethod
+    def from_groups(q4: np.ndarray, g_scale: np.ndarray, g_zero: np.ndarray, group_size: int, w_scale: np.ndarray,
+                    bias: np.ndarray) -> QLinear:
+        q4, g_scale, g_zero = (np.asarray(a, np.uint8) for a in (q4, g_scale, g_zero))
+        return QLinear(expand_int4_groups(q4, g_scale, g_zero, group_size), np.asarray(w_scale, np.float32),
+                       np.asarray(bias, np.int32), 8, int(group_size), q4, g_scale, g_zero)
+
+    @property
+    def grouped(self) -> bool:
+        return self.group_size > 0
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits per weight as stored: 4 for group-wise int4 (plus one byte per group), else ``bits``."""
+        return 4 if self.grouped else self.bits
+
+    def weight_nbytes(self) -> float:
+        """Bytes of the integer weights as stored (group-wise: 4-bit codes + 4-bit scale + 4-bit zero per group)."""
+        if self.grouped:
+            return self.weight.size / 2 + self.g_scale.size
+        return self.weight.size * self.bits / 8
+
+
+def expand_int4_groups(q4: np.ndarray, g_scale: np.ndarray, g_zero: np.ndarray, group_size: int) -> np.ndarray:
+    """int8 weights from group-wise uint4 codes: ``(q4 - z) * s`` per group, one integer multiply per weight."""
+    q4 = np.asarray(q4)
+    if q4.shape[1] != g_scale.shape[1] * group_size or g_scale.shape != g_zero.shape:
+        raise ModelFormatError(f"group-wise int4: codes {q4.shape} do not match {g_scale.shape} groups of "
+                               f"{group_size}")
+    s = np.repeat(np.asarray(g_scale, np.int16), group_size, axis=1)
+    z = np.repeat(np.asarray(g_zero, np.int16), group_size, axis=1)
+    w = (q4.astype(np.int16) - z) * s
+    if w.size and np.abs(w).max() > 127:
+        raise ModelFormatError("group-wise int4 weights expand outside int8: corrupt group scales or zero points")
+    return w.astype(np.int8)
 
 
 @dataclass
@@ -123,18 +172,27 @@ class QuantLM:
         path = Path(path)
         arrays: list[tuple[dict[str, Any], np.ndarray]] = []
 
-        def add(name: str, a: np.ndarray, bits: int = 0) -> str:
+        def add(name: str, a: np.ndarray, bits: int = 0, offset: int = 0) -> str:
             entry = {"name": name, "file": f"arrays/{len(arrays):05d}.npy", "dtype": str(a.dtype),
                      "shape": list(a.shape)}
             if bits == 4:
                 entry["packed_int4"] = True
+                if offset:  # unsigned 4-bit values stored as value - offset in [-8, 7]
+                    entry["int4_offset"] = offset
+                    a = a.astype(np.int16) - offset
                 a = pack_int4(a)
             arrays.append((entry, a))
             return name
 
         def lin(prefix: str, q: QLinear) -> dict[str, Any]:
-            return {"weight": add(prefix + ".weight", q.weight, q.bits), "w_scale": add(prefix + ".w_scale", q.w_scale),
-                    "bias": add(prefix + ".bias", q.bias), "bits": q.bits}
+            d: dict[str, Any] = {"w_scale": add(prefix + ".w_scale", q.w_scale), "bias": add(prefix + ".bias", q.bias),
+                                 "bits": q.bits}
+            if q.grouped:
+                d.update({"q4": add(prefix + ".q4", q.q4, 4, 8), "g_scale": add(prefix + ".g_scale", q.g_scale, 4, 9),
+                          "g_zero": add(prefix + ".g_zero", q.g_zero, 4, 8), "group_size": q.group_size})
+            else:
+                d["weight"] = add(prefix + ".weight", q.weight, q.bits)
+            return d
 
         layers = []
         for i, lw in enumerate(self.layers):
@@ -144,7 +202,7 @@ class QuantLM:
             layers.append(d)
         manifest = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if self.grouped() else 1,
             "config": self.config.to_json(),
             "embed": lin("embed", self.embed),
             "lm_head": None if self.lm_head is None else lin("lm_head", self.lm_head),
@@ -159,14 +217,16 @@ class QuantLM:
         manifest["arrays"] = [e for e, _ in arrays]
         return write_model_zip(path, manifest, arrays)
 
+    def linears(self) -> list[QLinear]:
+        out = [self.embed] + ([] if self.lm_head is None else [self.lm_head])
+        return out + [v for lw in self.layers for v in lw.values() if isinstance(v, QLinear)]
+
+    def grouped(self) -> bool:
+        return any(q.grouped for q in self.linears())
+
     def weight_bytes(self) -> float:
-        """Bytes of integer weights at their bit width."""
-        total = self.embed.weight.size * self.embed.bits / 8
-        if self.lm_head is not None:
-            total += self.lm_head.weight.size * self.lm_head.bits / 8
-        for lw in self.layers:
-            total += sum(v.weight.size * v.bits / 8 for v in lw.values() if isinstance(v, QLinear))
-        return total
+        """Bytes of integer weights as stored (at their bit width; group-wise int4 with its group parameters)."""
+        return float(sum(q.weight_nbytes() for q in self.linears()))
 
 
 def accumulator_bits(qm: QuantLM) -> dict[str, int]:
@@ -200,14 +260,14 @@ def load_lm(path: str | Path) -> QuantLM:
             m = json.loads(z.read("model.json"))
             if m.get("format") != FORMAT_NAME:
                 raise ModelFormatError(f"{path}: not an edgekit language model (format {m.get('format')!r})")
-            if m.get("version") != FORMAT_VERSION:
+            if m.get("version") not in READ_VERSIONS:
                 raise ModelFormatError(f"{path}: edgekit.lm version {m.get('version')} is not supported "
-                                       f"(this edgekit reads {FORMAT_VERSION}); re-export the model")
+                                       f"(this edgekit reads {READ_VERSIONS}); re-export the model")
             arr: dict[str, np.ndarray] = {}
             for e in m["arrays"]:
                 a = np.load(io.BytesIO(z.read(e["file"])), allow_pickle=False)
                 if e.get("packed_int4"):
-                    a = unpack_int4(a, tuple(e["shape"]))
+                    a = unpack_int4(a, tuple(e["shape"])).astype(np.int16) + int(e.get("int4_offset", 0))
                 arr[e["name"]] = a.astype(e["dtype"]).reshape(e["shape"])
     except ModelFormatError:
         raise
@@ -215,12 +275,15 @@ def load_lm(path: str | Path) -> QuantLM:
         raise ModelFormatError(f"{path}: not a readable edgekit.lm file ({exc}); re-export it") from exc
 
     def lin(d: dict[str, Any]) -> QLinear:
+        if d.get("group_size"):
+            return QLinear.from_groups(arr[d["q4"]], arr[d["g_scale"]], arr[d["g_zero"]], int(d["group_size"]),
+                                       arr[d["w_scale"]], arr[d["bias"]])
         return QLinear(arr[d["weight"]], arr[d["w_scale"]], arr[d["bias"]], int(d["bits"]))
 
     def act(d: dict[str, Any]) -> ActQ:
         return ActQ(float(d["scale"]), int(d["zero_point"]), int(d["bits"]))
 
-    layers = [{k: lin(v) if "weight" in v else arr[v["array"]] for k, v in lw.items()} for lw in m["layers"]]
+    layers = [{k: lin(v) if "w_scale" in v else arr[v["array"]] for k, v in lw.items()} for lw in m["layers"]]
     tok = None
     if m.get("tokenizer"):
         from tokenizers import Tokenizer

@@ -22,7 +22,17 @@ import numpy as np
 from edgekit.errors import CalibrationError, QuantizationError
 from edgekit.llm.model import LlamaModel
 from edgekit.llm.qlm import GLOBAL_ACTS, LAYER_ACTS, ActQ, QLinear, QuantLM
-from edgekit.llm.sim import NpOps, Observer, QParams, Scheme, fold_layer, identity_qparams, kv_index, sim_forward
+from edgekit.llm.sim import (
+    NpOps,
+    Observer,
+    QParams,
+    Scheme,
+    fold_layer,
+    group_grid,
+    identity_qparams,
+    kv_index,
+    sim_forward,
+)
 from edgekit.quant.arith import round_half_away
 
 LINS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -101,10 +111,34 @@ def calibrate(model: LlamaModel, method: str, scheme: Scheme, batches: np.ndarra
 
 # ---- integer model --------------------------------------------------------------------------------------
 
-def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, in_scale: float) -> QLinear:
-    """Symmetric per-channel integer weights and an int32 bias at scale in_scale * w_scale."""
-    qmax = 2 ** (bits - 1) - 1
+def group_int4(w: np.ndarray, clip: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Progressive group-wise int4 of ``w`` [out, in] (``sim.group_grid``, the same grid the simulation uses):
+    per-channel scale s1 (float32), uint4 codes, per-group integer scales and zero points."""
+    ops = NpOps()
     w = np.asarray(w, np.float64)
+    o, n = w.shape
+    s1, sg, z, qlo, qhi = group_grid(ops, w, np.asarray(clip, np.float64), group)
+    s1 = s1.astype(np.float32).astype(np.float64)  # the scale the executor rescales with
+    u = (w / s1[:, None]).reshape(o, n // group, group)
+    q = np.clip(np.round(u / sg[..., None]) + z[..., None], qlo[..., None], qhi[..., None])
+    return s1.astype(np.float32), q.reshape(o, n).astype(np.uint8), sg.astype(np.uint8), z.astype(np.uint8)
+
+
+def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, in_scale: float,
+                    group_size: int = 0) -> QLinear:
+    """Symmetric per-channel integer weights (or progressive group-wise int4 when ``group_size`` and bits 4)
+    and an int32 bias at scale in_scale * w_scale."""
+    w = np.asarray(w, np.float64)
+    if group_size and bits == 4:
+        if w.shape[1] % group_size:
+            raise QuantizationError(f"group size {group_size} does not divide a linear's input width {w.shape[1]}: "
+                                    "choose a divisor (32 or 64 for most models)")
+        ws, q4, sg, z = group_int4(w, clip, group_size)
+        bi = round_half_away(np.asarray(b, np.float64) / (in_scale * ws.astype(np.float64)))
+        if np.abs(bi).max(initial=0) >= 2**31:
+            raise QuantizationError("a bias does not fit int32 at its scale: widen the input's activation range")
+        return QLinear.from_groups(q4, sg, z, group_size, ws, bi.astype(np.int32))
+    qmax = 2 ** (bits - 1) - 1
     ws = np.maximum(np.abs(w).max(1) * np.asarray(clip, np.float64), 1e-8) / qmax
     wi = np.clip(np.round(w / ws[:, None]), -qmax, qmax).astype(np.int8)
     bi = round_half_away(np.asarray(b, np.float64) / (in_scale * ws))
@@ -129,7 +163,8 @@ def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str
         d: dict[str, Any] = {k: np.asarray(f[k], np.float32) for k in
                              ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias")}
         for k in LINS:
-            d[k] = quantize_linear(f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale)
+            d[k] = quantize_linear(f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale,
+                                   scheme.group_size)
         layers.append(d)
     ones = np.ones(model.embed.shape[0], np.float32)
     embed = quantize_linear(model.embed, np.zeros(model.embed.shape[0]), ones, scheme.embed_bits,
@@ -140,6 +175,6 @@ def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str
                                gacts["final_in"].scale)
     meta = dict(meta or {})
     meta.update({"weight_bits": scheme.weight_bits, "act_bits": scheme.act_bits, "act16": list(scheme.act16),
-                 "embed_bits": scheme.embed_bits})
+                 "embed_bits": scheme.embed_bits, "group_size": scheme.group_size if scheme.weight_bits == 4 else 0})
     return QuantLM(c, embed, head, np.asarray(model.norm, np.float32), np.zeros(c.hidden, np.float32), layers,
                    acts, gacts, meta=meta, tokenizer=model.tokenizer)

@@ -36,6 +36,9 @@ class Scheme:
     act_bits: int = 8
     act16: tuple[str, ...] = DEFAULT_ACT16
     embed_bits: int = 8  # tied embedding / lm_head stays 8-bit in W4A8
+    # > 0 (with weight_bits 4): progressive group-wise int4 (``group_grid``): int8 per output channel, then
+    # groups of ``group_size`` input channels as uint4 with an integer scale and zero point
+    group_size: int = 0
 
     def bits(self, name: str) -> int:
         return 16 if name in self.act16 else self.act_bits
@@ -78,6 +81,20 @@ class NpOps:
 
     round = staticmethod(np.round)
     exp = staticmethod(np.exp)
+    floor = staticmethod(np.floor)
+    ceil = staticmethod(np.ceil)
+
+    @staticmethod
+    def stop(x: Any) -> Any:
+        return x
+
+    @staticmethod
+    def gmin(x: Any) -> Any:
+        return np.min(x, axis=-1)
+
+    @staticmethod
+    def gmax(x: Any) -> Any:
+        return np.max(x, axis=-1)
 
     @staticmethod
     def clamp(x: Any, lo: Any, hi: Any) -> Any:
@@ -118,6 +135,21 @@ class TorchOps:
 
     def exp(self, x: Any) -> Any:
         return self.t.exp(x)
+
+    def floor(self, x: Any) -> Any:
+        return self.t.floor(x)
+
+    def ceil(self, x: Any) -> Any:
+        return self.t.ceil(x)
+
+    def stop(self, x: Any) -> Any:
+        return x.detach()
+
+    def gmin(self, x: Any) -> Any:
+        return self.t.amin(x, dim=-1)
+
+    def gmax(self, x: Any) -> Any:
+        return self.t.amax(x, dim=-1)
 
     def clamp(self, x: Any, lo: Any, hi: Any) -> Any:
         return self.t.minimum(self.t.maximum(self.asarray(x), self.asarray(lo)), self.asarray(hi))
@@ -192,7 +224,45 @@ def weight_scale(ops: Any, w: Any, clip: Any, bits: int) -> Any:
     return ops.clamp(ops.amax(w, 1) * ops.asarray(clip), 1e-8, 1e30) / qmax
 
 
-def fake_quant_weight(ops: Any, w: Any, clip: Any, bits: int) -> Any:
+# Progressive group quantization (QServe, Lin et al. 2024). Level 1: per-output-channel int8 with a protective
+# range [-P8, P8]. Level 2: each group of ``group`` input channels on a uint4 grid whose step is an integer number
+# of int8 steps: expanded = (q4 - z) * sg, sg in 1..16, z in 0..15. Rounding moves a value by at most sg/2 <= 8,
+# so every expanded weight fits [-120, 120]: the matmul stays int8 x int8 -> int32, followed by the unchanged
+# per-channel dyadic rescale by s1. The float weight is rounded once, straight onto the final grid (no double
+# rounding through int8). P8 = 112 = 16 * 7: the channel maximum (exactly P8 in int8 units) is never a rounding tie
+# P8 / sg = k + 1/2 for any sg <= 16 (with 119, sg 2 and 14 tie), so the float32 simulation and the float64
+# integer build agree on it.
+P8 = 112
+
+
+def group_grid(ops: Any, w: Any, clip: Any, group: int) -> tuple[Any, Any, Any, Any, Any]:
+    """(s1 [out], sg [out, G], z [out, G], q_lo, q_hi) of the progressive int4 grid of ``w`` [out, in].
+
+    sg and z are integers (held as floats; constants in the learning step: no gradient through them); q_lo/q_hi
+    bound q4 so that |(q4 - z) * sg| <= 127 even for clipped values."""
+    o, n = w.shape
+    if n % group:
+        raise ValueError(f"group size {group} does not divide the input width {n}")
+    s1 = ops.clamp(ops.amax(w, 1) * ops.asarray(clip), 1e-8, 1e30) / P8
+    u = ops.stop(ops.clamp(w / s1[:, None], -P8, P8)).reshape(o, n // group, group)
+    lo, hi = ops.clamp(ops.gmin(u), -1e30, 0.0), ops.clamp(ops.gmax(u), 0.0, 1e30)  # the grid holds 0
+    sg = ops.clamp(ops.ceil((hi - lo) / 15.0), 1.0, 16.0)
+    z = ops.clamp(ops.stop(ops.round(-lo / sg)), 0.0, 15.0)
+    reach = ops.floor(127.0 / sg)
+    return s1, sg, z, ops.clamp(z - reach, 0.0, 15.0), ops.clamp(z + reach, 0.0, 15.0)
+
+
+def fake_quant_weight_group(ops: Any, w: Any, clip: Any, group: int) -> Any:
+    o, n = w.shape
+    s1, sg, z, qlo, qhi = group_grid(ops, w, clip, group)
+    u = (w / s1[:, None]).reshape(o, n // group, group)
+    q = ops.clamp(ops.round(u / sg[..., None]) + z[..., None], qlo[..., None], qhi[..., None])
+    return ((q - z[..., None]) * sg[..., None]).reshape(o, n) * s1[:, None]
+
+
+def fake_quant_weight(ops: Any, w: Any, clip: Any, bits: int, group: int = 0) -> Any:
+    if group and bits == 4:
+        return fake_quant_weight_group(ops, w, clip, group)
     qmax = 2 ** (bits - 1) - 1
     s = weight_scale(ops, w, clip, bits)[:, None]
     return ops.clamp(ops.round(w / s), -qmax, qmax) * s
@@ -255,7 +325,7 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
         return fake_quant_act(ops, x, lo, hi, scheme.bits(name))
 
     def lin(x: Any, w: Any, bias: Any, clip: Any) -> Any:
-        wq = fake_quant_weight(ops, w, clip, scheme.weight_bits) if quant_w else w
+        wq = fake_quant_weight(ops, w, clip, scheme.weight_bits, scheme.group_size) if quant_w else w
         return x @ wq.T + bias
 
     def rms(x: Any, w: Any, bias: Any) -> Any:

@@ -212,6 +212,72 @@ def test_group_int4_corrupt_group_parameters_are_refused():
         QLinear.from_groups(q4, np.ones((2, 2), np.uint8), np.zeros((2, 2), np.uint8), 32, np.ones(2), np.zeros(2))
 
 
+# ---- integer-only RMSNorm, RoPE, softmax ---------------------------------------------------------------------
+
+def test_integer_sqrt_and_bit_length():
+    import math
+
+    from edgekit.llm.qlm import bit_length, isqrt64
+
+    rng = np.random.default_rng(5)
+    v = np.concatenate([np.arange(70), rng.integers(0, 2**62, 500), [2**62 - 1, 2**40, 2**40 - 1]]).astype(np.int64)
+    assert np.array_equal(isqrt64(v), [math.isqrt(int(a)) for a in v])
+    assert np.array_equal(bit_length(v), [int(a).bit_length() for a in v])
+
+
+def test_integer_rmsnorm_rope_softmax_match_float_to_a_few_steps():
+    from edgekit.llm.model import apply_rope, rope_tables, softmax
+    from edgekit.llm.qlm import ActQ, int_rmsnorm, int_rope, int_softmax, rope_int_tables
+
+    rng = np.random.default_rng(6)
+    # RMSNorm of a 16-bit residual with an outlier token, negative gains and a bias, into int8
+    xq = ActQ.from_range(-25000, 25000, 16)
+    x = rng.integers(-300, 300, (6, 96))
+    x[2, 5] = 32000
+    w, b = rng.normal(size=96), rng.normal(size=96) * 0.1
+    out = ActQ.from_range(-6, 7, 8)
+    xr = xq.dequantize(x).astype(np.float64)
+    ref = out.quantize(xr / np.sqrt((xr**2).mean(-1, keepdims=True) + 1e-5) * w + b)
+    assert np.abs(int_rmsnorm(x, xq, w, b, out, 1e-5) - ref).max() <= 1
+    # RoPE from int32 accumulators with per-channel scales
+    t, heads, hd = 20, 3, 16
+    acc = rng.integers(-2**20, 2**20, (t, heads * hd))
+    real = rng.uniform(1e-6, 3e-6, heads * hd)
+    qo = ActQ.from_range(-4, 4, 8)
+    cos, sin = rope_tables(hd, np.arange(7, 7 + t), 10000.0)
+    fl = qo.quantize(apply_rope((acc * real).reshape(t, heads, hd).transpose(1, 0, 2), cos, sin))
+    cq, sq = rope_int_tables(hd, np.arange(7, 7 + t), 10000.0)
+    assert np.abs(int_rope(acc, real, qo, heads, hd, cq, sq) - fl).max() <= 1
+    # softmax with a causal mask, 16-bit probabilities
+    sc = rng.integers(-4000, 4000, (3, 12, 12))
+    mask = np.triu(np.ones((12, 12), bool), 1)[None]
+    po = ActQ.from_range(0, 1, 16)
+    for real in (1e-3, 4e-3):
+        p = int_softmax(sc, real, mask, po)
+        f = softmax(np.where(mask, -np.inf, sc * real))
+        assert np.abs(po.dequantize(p) - f).max() < 2e-4  # 13 steps of 1/65535
+        assert np.all(p[np.broadcast_to(mask, p.shape)] == po.zero_point)  # masked: exactly 0
+
+
+@pytest.mark.parametrize("group", [0, 16])
+def test_integer_ops_executor_tracks_the_float_ops_executor(tiny, tokens, group):
+    sch = Scheme(weight_bits=4 if group else 8, group_size=group)
+    qp = calibrate(tiny, "smoothquant", sch, calib_batches(tokens[200:], 32, 4))
+    qm = build_quantlm(tiny, qp, sch)
+    ids = tokens[:48]
+    i0 = int_forward(qm, ids)
+    i1 = int_forward(qm, ids, integer_ops=True)
+    s = sim_forward(tiny, qp, sch, ids, logits=True)[0]
+    assert _rel(i1, i0) < 0.08 and _rel(i1, s) < 0.15
+    assert (i1.argmax(-1) == i0.argmax(-1)).mean() > 0.8
+    prompt = tokens[:10]
+    out = generate(qm, prompt, 5, integer_ops=True)
+    full = list(prompt)
+    for _ in range(5):
+        full.append(int(np.argmax(int_forward(qm, np.array(full), integer_ops=True)[-1])))
+    assert out == full[10:]  # the integer KV cache path equals a full recompute
+
+
 def test_kv_cache_generation_equals_full_recompute(tiny, tokens):
     qm = build_quantlm(tiny, calibrate(tiny, "rtn", Scheme(), calib_batches(tokens[200:], 32, 2)), Scheme())
     prompt = tokens[:12]

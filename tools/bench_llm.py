@@ -45,6 +45,8 @@ def main() -> int:
     ap.add_argument("--configs", default="float,rtn-w8a8,smoothquant-w8a8,mobilequant-w8a8,mobilequant-w4a8")
     ap.add_argument("--group-size", type=int, default=None,
                     help="int4 weight group size (default 32 for 4-bit weights; 0 = per channel)")
+    ap.add_argument("--integer-ops", action="store_true",
+                    help="also evaluate each quantized model with integer RMSNorm/RoPE/softmax")
     ap.add_argument("--act16-extra", default="", help="comma list of tensors added to the 16-bit list")
     ap.add_argument("--minilm", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--save-dir", default=None)
@@ -92,6 +94,11 @@ def main() -> int:
             rows.append({"config": cfg, **r, "quant_seconds": qsec, "peak_mb": peak_mb(), "report": rep,
                          "weight_mb": qm.weight_bytes() / 1e6, "group_size": qm.meta.get("group_size", 0)})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}), flush=True)
+        if args.integer_ops and cfg != "float":
+            r = perplexity(qm, eval_ids, args.window, integer_ops=True)
+            rows.append({**rows[-1], **r, "config": cfg + " (integer norm/RoPE/softmax)", "quant_seconds": 0.0,
+                         "peak_mb": peak_mb()})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}), flush=True)
     fppl = next((r["perplexity"] for r in rows if r["config"] == "float"), None)
     lines = ["# edgekit.llm benchmark: SmolLM2-135M-Instruct (GGUF Q4_1 dequantized) on WikiText-2 test", "",
              f"- {split}", f"- perplexity windows: {args.window} tokens, non-overlapping; integer reference executor "

@@ -40,11 +40,13 @@ def nll_windows(logits_fn: Any, ids: np.ndarray, window: int) -> tuple[float, in
     return total, count
 
 
-def perplexity(model: LlamaModel | QuantLM, ids: np.ndarray, window: int = 512) -> dict[str, Any]:
-    """Perplexity of a float or integer model on ``ids`` (windows of ``window`` tokens)."""
+def perplexity(model: LlamaModel | QuantLM, ids: np.ndarray, window: int = 512, *,
+               integer_ops: bool = False) -> dict[str, Any]:
+    """Perplexity of a float or integer model on ``ids`` (windows of ``window`` tokens); ``integer_ops``: the
+    integer model's RMSNorm, RoPE and softmax in integers too."""
     t0 = time.time()
     if isinstance(model, QuantLM):
-        nll, n = nll_windows(lambda w: int_forward(model, w), ids, window)
+        nll, n = nll_windows(lambda w: int_forward(model, w, integer_ops=integer_ops), ids, window)
     else:
         nll, n = nll_windows(lambda w: float_forward(model, w), ids, window)
     return {"perplexity": float(np.exp(nll / n)), "tokens": int(len(ids)), "predicted": n, "window": window,
@@ -140,13 +142,15 @@ def export_lm(model_path: str | Path, scheme: str, weight_bits: int, act_bits: i
     return report
 
 
-def eval_lm(model_path: str | Path, text_path: str | Path, tokens: int = 4096, window: int = 512) -> dict[str, Any]:
-    """Perplexity of a float (.gguf / safetensors) or quantized (.ekq) model on the first ``tokens`` tokens."""
+def eval_lm(model_path: str | Path, text_path: str | Path, tokens: int = 4096, window: int = 512, *,
+            integer_ops: bool = False) -> dict[str, Any]:
+    """Perplexity of a float (.gguf / safetensors) or quantized (.ekq) model on the first ``tokens`` tokens
+    (``integer_ops``: integer RMSNorm/RoPE/softmax in the quantized model)."""
     p = Path(model_path)
     model: LlamaModel | QuantLM = load_lm(p) if p.suffix == ".ekq" else load_model(p)
     ids = tokenize(model.tokenizer, _read_text(text_path))[:tokens]
     if len(ids) < 2:
         raise CalibrationError(f"{text_path} has fewer than 2 tokens")
-    r = perplexity(model, ids, window)
+    r = perplexity(model, ids, window, integer_ops=integer_ops)
     r["model"] = str(p)
     return r

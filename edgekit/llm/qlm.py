@@ -37,7 +37,7 @@ import numpy as np
 from edgekit.errors import ModelFormatError
 from edgekit.llm.model import LlamaConfig, apply_rope, rope_tables, silu, softmax
 from edgekit.qmodel import pack_int4, unpack_int4, write_model_zip
-from edgekit.quant.arith import exact_int_matmul, int_range, quantize_multiplier, requantize
+from edgekit.quant.arith import exact_int_matmul, int_range, quantize_multiplier, requantize, rounding_rshift
 
 FORMAT_NAME = "edgekit.lm"
 FORMAT_VERSION = 2  # written only when a linear is group-wise int4; plain files stay version 1
@@ -351,10 +351,114 @@ def _rms(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w + b
 
 
+# ---- integer-only RMSNorm, RoPE and softmax (opt-in: ``int_forward(..., integer_ops=True)``) -----------------
+# The default executor runs these three in float32 between a dequantize and a quantize, as a QDQ runtime does
+# (and as the ONNX export and device lowerings reproduce). With ``integer_ops`` they use integers only:
+# - RMSNorm: int64 sum of squares, an integer reciprocal square root (30-bit mantissa, Newton integer sqrt,
+#   17-bit result), per-channel dyadic multiply by gain / output scale, bias with 8 fractional bits;
+# - RoPE: q/k accumulators dyadically rescaled to the output grid with 8 fractional bits, rotated with Q14
+#   cos/sin tables, one rounding shift;
+# - softmax: integer row max, the scaled difference on a 1/1024 grid by a dyadic multiply, exp(-x) as the
+#   product of two Q15 tables (integer part 0..15, fraction /1024), integer division to Q30 probabilities,
+#   dyadic rescale to the probs grid.
+
+ROPE_FRAC = 14  # cos/sin table bits
+MID_FRAC = 8  # extra fractional bits of intermediates
+EXP_FRAC = 10  # softmax exponent grid 2**-EXP_FRAC (table of 1024 + 16 entries)
+EXP_INT = 16  # exp(-x) is taken as 0 beyond x = 16 (below a 16-bit probability step)
+_EXP_HI = np.round(np.exp(-np.arange(EXP_INT, dtype=np.float64)) * 2**15).astype(np.int64)
+_EXP_LO = np.round(np.exp(-np.arange(2**EXP_FRAC, dtype=np.float64) / 2**EXP_FRAC) * 2**15).astype(np.int64)
+
+
+def bit_length(v: np.ndarray) -> np.ndarray:
+    """Bit length of non-negative int64 values, elementwise (integer shifts only)."""
+    t = np.asarray(v, np.int64).copy()
+    n = np.zeros(t.shape, np.int64)
+    for sh in (32, 16, 8, 4, 2, 1):
+        big = t >= (np.int64(1) << sh)
+        n += big * sh
+        t = np.where(big, t >> sh, t)
+    return n + (t > 0)
+
+
+def isqrt64(v: np.ndarray) -> np.ndarray:
+    """floor(sqrt(v)) of non-negative int64 values: integer Newton iteration from a power of two above."""
+    v = np.asarray(v, np.int64)
+    x = np.where(v > 0, np.left_shift(np.int64(1), (bit_length(v) + 1) // 2), 0)
+    for _ in range(70):
+        y = (x + v // np.maximum(x, 1)) // 2
+        if not np.any(y < x):
+            break
+        x = np.where(y < x, y, x)
+    return x
+
+
+def _signed_mult(real: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    r = np.asarray(real, np.float64)
+    m, sh = _mult(np.abs(r))
+    return m, sh, np.where(r < 0, -1, 1).astype(np.int64)
+
+
+def int_rmsnorm(x: np.ndarray, xq: ActQ, w: np.ndarray, b: np.ndarray, out: ActQ, eps: float) -> np.ndarray:
+    """Integer RMSNorm of x (on xq's grid) into ``out``'s grid: y = x / rms(x) * w + b."""
+    xc = x.astype(np.int64) - xq.zero_point
+    n = xc.shape[-1]
+    ms = ((xc * xc).sum(-1) + n // 2) // n + int(round(eps / xq.scale**2))
+    ms = np.maximum(ms, 1)
+    e = (bit_length(ms) + 1) // 2  # ms ~ 2**(2e)
+    mant = np.where(2 * e >= 30, np.right_shift(ms, np.maximum(2 * e - 30, 0)),
+                    np.left_shift(ms, np.maximum(30 - 2 * e, 0)))  # [2**28, 2**30)
+    r = isqrt64((np.int64(1) << 62) // mant)  # 2**31 / sqrt(mant), 17 bits; 1/sqrt(ms) = r * 2**(-16 - e)
+    n16 = rounding_rshift(xc * r[..., None], e[..., None])  # x / rms * 2**16, |.| <= sqrt(n) * 2**16
+    m, sh, sg = _signed_mult(np.asarray(w, np.float64) / (out.scale * 2 ** (16 - MID_FRAC)))
+    y = requantize(n16 * sg, m, sh) + np.round(np.asarray(b, np.float64) / out.scale * 2**MID_FRAC).astype(np.int64)
+    return np.clip(rounding_rshift(y, MID_FRAC) + out.zero_point, out.qmin, out.qmax).astype(np.int32)
+
+
+def rope_int_tables(head_dim: int, positions: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Q14 cos/sin [T, head_dim]."""
+    cos, sin = rope_tables(head_dim, positions, theta)
+    return (np.round(cos.astype(np.float64) * 2**ROPE_FRAC).astype(np.int64),
+            np.round(sin.astype(np.float64) * 2**ROPE_FRAC).astype(np.int64))
+
+
+def int_rope(acc: np.ndarray, real: np.ndarray, out: ActQ, heads: int, head_dim: int, cos_q: np.ndarray,
+             sin_q: np.ndarray) -> np.ndarray:
+    """q or k accumulators [T, heads * head_dim] (real value acc * real per channel) -> RoPE -> out's grid,
+    [heads, T, head_dim]."""
+    t = acc.shape[0]
+    m, sh = _mult(np.asarray(real, np.float64) / out.scale * 2**MID_FRAC)
+    u = requantize(acc, m, sh).reshape(t, heads, head_dim).transpose(1, 0, 2)
+    h = head_dim // 2
+    rot = np.concatenate([-u[..., h:], u[..., :h]], axis=-1)
+    y = rounding_rshift(u * cos_q + rot * sin_q, ROPE_FRAC + MID_FRAC) + out.zero_point
+    return np.clip(y, out.qmin, out.qmax).astype(np.int32)
+
+
+def int_softmax(sc: np.ndarray, real: float, mask: np.ndarray, out: ActQ) -> np.ndarray:
+    """Softmax over the last axis of integer scores ``sc`` (real value sc * real), masked positions excluded,
+    into ``out``'s grid."""
+    sc = np.asarray(sc, np.int64)
+    mx = np.where(mask, np.iinfo(np.int64).min, sc).max(-1, keepdims=True)  # every row has an unmasked entry
+    d = np.where(mask, 0, mx - sc)  # >= 0
+    m, sh = quantize_multiplier(real * 2**EXP_FRAC)
+    cap = (2**31 - 1) >> max(sh, 0)
+    idx = requantize(np.where(mask, cap, np.minimum(d, cap)), m, sh)  # (max - x) on a 2**-EXP_FRAC grid
+    live = (idx < EXP_INT << EXP_FRAC) & ~mask
+    idx = np.clip(idx, 0, (EXP_INT << EXP_FRAC) - 1)
+    e = np.where(live, (_EXP_HI[idx >> EXP_FRAC] * _EXP_LO[idx & (2**EXP_FRAC - 1)] + 2**14) >> 15, 0)
+    total = e.sum(-1, keepdims=True)  # >= 2**15 (the maximum's own term)
+    p30 = ((e << 30) + total // 2) // total
+    mo, so = quantize_multiplier(2.0**-30 / out.scale)
+    return np.clip(requantize(p30, mo, so) + out.zero_point, out.qmin, out.qmax).astype(np.int32)
+
+
 def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, logits: bool = True,
-                trace: dict[str, np.ndarray] | None = None) -> np.ndarray:
+                trace: dict[str, np.ndarray] | None = None, integer_ops: bool = False) -> np.ndarray:
     """Run token ids (one sequence) through the integer model; with ``cache`` the ids continue it.
-    Returns float logits [T, V] (dequantized from int32 accumulators) or the integer final_in."""
+    Returns float logits [T, V] (dequantized from int32 accumulators) or the integer final_in.
+    ``integer_ops``: RMSNorm, RoPE and softmax in integers too (``int_rmsnorm``, ``int_rope``,
+    ``int_softmax``) instead of float32 between dequantize and quantize."""
     c = qm.config
     ids = np.asarray(ids, dtype=np.int64)
     t = len(ids)
@@ -371,15 +475,29 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
 
     tr("embed", x, xq)
     cos, sin = rope_tables(c.head_dim, np.arange(start, start + t), c.rope_theta)
+    if integer_ops:
+        cos_q, sin_q = rope_int_tables(c.head_dim, np.arange(start, start + t), c.rope_theta)
+
+    def norm(x: np.ndarray, xq: ActQ, w: np.ndarray, b: np.ndarray, out: ActQ) -> np.ndarray:
+        if integer_ops:
+            return int_rmsnorm(x, xq, w, b, out, c.rms_eps)
+        return out.quantize(_rms(xq.dequantize(x), w, b, c.rms_eps))
+
     grp = c.heads // c.kv_heads
     for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
-        h = h0 = a["attn_in"].quantize(_rms(xq.dequantize(x), lw["attn_norm"], lw["attn_norm_bias"], c.rms_eps))
+        h = h0 = norm(x, xq, lw["attn_norm"], lw["attn_norm_bias"], a["attn_in"])
         qacc = int_linear(h, a["attn_in"], lw["q"])
         kacc = int_linear(h, a["attn_in"], lw["k"])
-        q = (qacc * (a["attn_in"].scale * lw["q"].w_scale)).astype(np.float32)
-        k = (kacc * (a["attn_in"].scale * lw["k"].w_scale)).astype(np.float32)
-        q = a["q"].quantize(apply_rope(q.reshape(t, c.heads, c.head_dim).transpose(1, 0, 2), cos, sin))
-        k = a["k"].quantize(apply_rope(k.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2), cos, sin))
+        if integer_ops:
+            q = int_rope(qacc, a["attn_in"].scale * lw["q"].w_scale.astype(np.float64), a["q"], c.heads, c.head_dim,
+                         cos_q, sin_q)
+            k = int_rope(kacc, a["attn_in"].scale * lw["k"].w_scale.astype(np.float64), a["k"], c.kv_heads,
+                         c.head_dim, cos_q, sin_q)
+        else:
+            q = (qacc * (a["attn_in"].scale * lw["q"].w_scale)).astype(np.float32)
+            k = (kacc * (a["attn_in"].scale * lw["k"].w_scale)).astype(np.float32)
+            q = a["q"].quantize(apply_rope(q.reshape(t, c.heads, c.head_dim).transpose(1, 0, 2), cos, sin))
+            k = a["k"].quantize(apply_rope(k.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2), cos, sin))
         v = rescale_to(int_linear(h, a["attn_in"], lw["v"]), a["attn_in"].scale * lw["v"].w_scale / a["v"].scale,
                        a["v"])
         v = v.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2)
@@ -392,10 +510,13 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
         kk = np.repeat(k.astype(np.int64) - a["k"].zero_point, grp, axis=0)
         vv = np.repeat(v.astype(np.int64) - a["v"].zero_point, grp, axis=0)
         sc = exact_int_matmul(q.astype(np.int64) - a["q"].zero_point, kk.transpose(0, 2, 1))
-        scores = sc.astype(np.float64) * (a["q"].scale * a["k"].scale / np.sqrt(c.head_dim))
         mask = np.arange(tk)[None, :] > (start + np.arange(t))[:, None]
-        scores = np.where(mask[None], -np.inf, scores)
-        p = a["probs"].quantize(softmax(scores))
+        if integer_ops:
+            p = int_softmax(sc, a["q"].scale * a["k"].scale / np.sqrt(c.head_dim), mask[None], a["probs"])
+        else:
+            scores = sc.astype(np.float64) * (a["q"].scale * a["k"].scale / np.sqrt(c.head_dim))
+            scores = np.where(mask[None], -np.inf, scores)
+            p = a["probs"].quantize(softmax(scores))
         pv = exact_int_matmul(p.astype(np.int64) - a["probs"].zero_point, vv)  # [heads, t, d]
         pv = pv.transpose(1, 0, 2).reshape(t, c.hidden)
         att = rescale_to(pv, a["probs"].scale * a["v"].scale / a["attn_out"].scale, a["attn_out"])
@@ -403,7 +524,7 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
                        a["attn_out"].scale * lw["o"].w_scale / a["o_out"].scale, a["o_out"])
         x = xm = int_add(x, xq, o, a["o_out"], a["res_mid"])
         xq = a["res_mid"]
-        h = a["mlp_in"].quantize(_rms(xq.dequantize(x), lw["mlp_norm"], lw["mlp_norm_bias"], c.rms_eps))
+        h = norm(x, xq, lw["mlp_norm"], lw["mlp_norm_bias"], a["mlp_in"])
         gt = rescale_to(int_linear(h, a["mlp_in"], lw["gate"]),
                         a["mlp_in"].scale * lw["gate"].w_scale / a["gate"].scale, a["gate"])
         up = rescale_to(int_linear(h, a["mlp_in"], lw["up"]),
@@ -420,7 +541,7 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
                            ("o_out", o), ("res_mid", xm), ("mlp_in", h), ("gate", gt), ("up", up), ("silu", sl),
                            ("h", hh), ("down_out", d), ("res_out", x)):
                 tr(f"{i}.{n}", val, a[n])
-    f = g["final_in"].quantize(_rms(xq.dequantize(x), qm.norm, qm.norm_bias, c.rms_eps))
+    f = norm(x, xq, qm.norm, qm.norm_bias, g["final_in"])
     tr("final_in", f, g["final_in"])
     if not logits:
         return f
@@ -429,15 +550,15 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
 
 
 def generate(model: QuantLM, prompt_ids: list[int] | np.ndarray, max_new_tokens: int,
-             eos_token_id: int | None = None) -> list[int]:
+             eos_token_id: int | None = None, integer_ops: bool = False) -> list[int]:
     """Greedy generation with an integer KV cache: the prompt in one pass, then one token per step."""
     cache = KVCache(model.config.layers)
     out: list[int] = []
-    lg = int_forward(model, np.asarray(prompt_ids), cache)
+    lg = int_forward(model, np.asarray(prompt_ids), cache, integer_ops=integer_ops)
     for _ in range(max_new_tokens):
         nxt = int(np.argmax(lg[-1]))
         out.append(nxt)
         if eos_token_id is not None and nxt == eos_token_id:
             break
-        lg = int_forward(model, np.array([nxt]), cache)
+        lg = int_forward(model, np.array([nxt]), cache, integer_ops=integer_ops)
     return out

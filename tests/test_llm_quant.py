@@ -288,15 +288,16 @@ def test_kv_cache_generation_equals_full_recompute(tiny, tokens):
     assert out == full[12:]
 
 
-@pytest.mark.parametrize("wbits,group", [(8, 0), (4, 0), (4, 16)])
-def test_onnx_qdq_export_matches_simulation(tiny, tokens, tmp_path, wbits, group):
+@pytest.mark.parametrize("wbits,group,mode", [(8, 0, "expand"), (4, 0, "expand"), (4, 16, "expand"),
+                                             (4, 16, "blocked")])
+def test_onnx_qdq_export_matches_simulation(tiny, tokens, tmp_path, wbits, group, mode):
     ort = pytest.importorskip("onnxruntime")
     from edgekit.llm.onnx_export import export_onnx
 
     sch = Scheme(weight_bits=wbits, group_size=group)
     qp = calibrate(tiny, "smoothquant", sch, calib_batches(tokens[200:], 32, 4))
     qm = build_quantlm(tiny, qp, sch)
-    p = export_onnx(qm, tmp_path / "m.onnx", max_len=64)
+    p = export_onnx(qm, tmp_path / "m.onnx", max_len=64, group_int4=mode)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     sess = ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])

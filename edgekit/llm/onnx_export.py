@@ -18,8 +18,15 @@ from edgekit.llm.model import rope_tables
 from edgekit.llm.qlm import ActQ, QLinear, QuantLM
 
 
-def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512) -> Path:
-    """Write ``qm`` as an ONNX QDQ model; returns the path."""
+def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: str = "expand") -> Path:
+    """Write ``qm`` as an ONNX QDQ model; returns the path.
+
+    Group-wise int4 linears: ``group_int4="expand"`` (default) writes their exact int8 expansion with the
+    per-channel scale (the integer executor's matmul operand; what int8 NPU execution providers take);
+    ``"blocked"`` writes the uint4 codes with a blocked DequantizeLinear (block_size = group, scale
+    s_channel * s_group, uint4 zero points), half the bytes, for runtimes with int4 support."""
+    if group_int4 not in ("expand", "blocked"):
+        raise ValueError(f"group_int4 must be 'expand' or 'blocked', not {group_int4!r}")
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -49,6 +56,14 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512) -> Path:
         return node("DequantizeLinear", [node("QuantizeLinear", [x, s, z]), s, z])
 
     def wdq(w: QLinear) -> str:
+        if w.grouped and group_int4 == "blocked":
+            g = w.group_size
+            q = helper.make_tensor(uid("w4"), TensorProto.UINT4, list(w.q4.T.shape), w.q4.T.reshape(-1).tolist())
+            z = helper.make_tensor(uid("z4"), TensorProto.UINT4, list(w.g_zero.T.shape),
+                                   w.g_zero.T.reshape(-1).tolist())
+            inits.extend([q, z])
+            sc = (w.w_scale.astype(np.float64)[None, :] * w.g_scale.T.astype(np.float64)).astype(np.float32)
+            return node("DequantizeLinear", [q.name, const(np.ascontiguousarray(sc)), z.name], axis=0, block_size=g)
         if w.bits == 4:
             wi = helper.make_tensor(uid("w4"), TensorProto.INT4, list(w.weight.T.shape),
                                     w.weight.T.astype(np.int8).reshape(-1).tolist())

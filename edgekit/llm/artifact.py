@@ -198,7 +198,8 @@ def validate_lm(
         dev = [int(t) for t in outs["tokens"][0] if t >= 0]
         host = generate(qm, ids[0], n)
         same = dev == host
-        results.append({"prompt": ids[0].tolist(), "device": dev, "host": host, "identical": same})
+        steps = [float(t) for t in outs["step_ms"][0][: len(dev)]] if "step_ms" in outs else []
+        results.append({"prompt": ids[0].tolist(), "device": dev, "host": host, "identical": same, "step_ms": steps})
         device_ms.append(ms)
         if not same and first is None:
             pos = next((j for j, (a, b) in enumerate(zip(dev, host, strict=False)) if a != b), min(len(dev), len(host)))

@@ -26,11 +26,13 @@ def quantized_resnet8():
 
 
 def test_subset(path: Path, n: int, labels: bool = True) -> Path:
-    """The first ``n`` CIFAR-10 test images (and labels) as an .npz."""
+    """``n`` CIFAR-10 test images (and labels) as an .npz, every (10000 // n)-th one: the file is sorted
+    by class, so the first ``n`` would all be airplanes."""
     d = np.load(DATA / "cifar10_test.npz")
-    arrays = {"x": d["x"][:n]}
+    step = max(1, len(d["x"]) // n)
+    arrays = {"x": d["x"][::step][:n]}
     if labels:
-        arrays["y"] = d["y"][:n]
+        arrays["y"] = d["y"][::step][:n]
     np.savez(path, **arrays)
     return path
 
@@ -127,3 +129,75 @@ def kill_later(pid: int, delay: float) -> None:
             pass
 
     threading.Thread(target=go, daemon=True).start()
+
+
+class FrameFaults(Channel):
+    """Wraps a real channel and damages chosen whole frames, deterministically.
+
+    ``out`` / ``back``: {frame number (1-based, host -> agent / agent -> host): fault}, fault one of
+    ``"magic"`` (flip a bit of the magic: the frame vanishes without a trace, nothing to NAK),
+    ``"header"`` (flip a bit of the length: header CRC fails), ``"payload"`` (flip a payload bit),
+    ``"drop"`` (the whole frame is lost), ``"cut"`` (its last byte is lost). Frames are counted
+    by parsing the (clean) stream, so the count is exact whatever the read sizes.
+    """
+
+    def __init__(self, inner: Channel, *, out: dict[int, str] | None = None, back: dict[int, str] | None = None):
+        self.inner, self.out, self.back = inner, dict(out or {}), dict(back or {})
+        self.sent = self.received = 0
+        self._pending = bytearray()  # agent -> host bytes not yet parsed into a whole frame
+        self.kinds_back: list[int] = []  # kind of every frame the agent sent, in order
+        self.damaged: list[tuple[str, int, str]] = []
+
+    @staticmethod
+    def _damage(frame: bytes, fault: str) -> bytes:
+        from edgekit.device.protocol import HEADER_SIZE
+
+        b = bytearray(frame)
+        if fault == "magic":
+            b[1] ^= 0x04
+        elif fault == "header":
+            b[11] ^= 0x01
+        elif fault == "payload":
+            b[HEADER_SIZE] ^= 0x10
+        elif fault == "drop":
+            return b""
+        elif fault == "cut":
+            return bytes(b[:-1])
+        return bytes(b)
+
+    def write(self, data: bytes) -> None:
+        self.sent += 1  # Session writes one whole frame per call
+        fault = self.out.get(self.sent)
+        if fault:
+            self.damaged.append(("out", self.sent, fault))
+            data = self._damage(data, fault)
+        if data:
+            self.inner.write(data)
+
+    def read(self, n: int, timeout: float) -> bytes:
+        import struct
+
+        from edgekit.device.protocol import HEADER_SIZE
+
+        chunk = self.inner.read(n, timeout)
+        self._pending += chunk
+        out = bytearray()
+        while len(self._pending) >= HEADER_SIZE:
+            kind = self._pending[3]
+            (length,) = struct.unpack(">I", self._pending[8:12])
+            total = HEADER_SIZE + length + 4
+            if len(self._pending) < total:
+                break
+            frame = bytes(self._pending[:total])
+            del self._pending[:total]
+            self.received += 1
+            self.kinds_back.append(kind)
+            fault = self.back.get(self.received)
+            if fault:
+                self.damaged.append(("back", self.received, fault))
+                frame = self._damage(frame, fault)
+            out += frame
+        return bytes(out)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -104,6 +104,78 @@ def test_ssh_deploy_profile_validate_bit_exact(pi, r8, val16, capsys):
     assert v["top1_agreement_float"] >= 0.6 and "top1" in v
 
 
+def test_tvm_rpi4_flow_export_compile_deploy_profile_validate_over_ssh(pi, tmp_path, capsys):
+    """The issue's CI flow with the CLI: export ResNet-8, compile for rpi4, deploy over SSH, profile,
+    validate bit-exact on a strided (every class) CIFAR-10 subset. The device has the TVM runtime
+    (ek_runner + libtvm_runtime.so under /opt/edgekit-tvm), not the tvm Python package."""
+    from edgekit.cli import main
+
+    rootfs = Path(pi["rootfs"])
+    assert pi.get("tvm_runtime"), "emulated-pi up installed no TVM runtime (see its log: cross compiler? 40-tvm.sh?)"
+    assert not list(rootfs.glob("opt/site/tvm")) and not list(rootfs.glob("usr/lib/python3*/**/tvm/__init__.py"))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.load(DATA / "cifar10_calib_train1000.npz")["x"][:200])
+    test = np.load(DATA / "cifar10_test.npz")
+    val = tmp_path / "val.npz"
+    np.savez(val, x=test["x"][::100], y=test["y"][::100])  # sorted by class: stride, 10 of each class
+    ekq, art = tmp_path / "r8.ekq", tmp_path / "r8.rpi4.tar"
+
+    assert main(["export", str(RESNET8_ONNX), "--calib", str(calib), "-o", str(ekq)]) == 0
+    capsys.readouterr()
+    assert main(["compile", str(ekq), "--target", "rpi4", "-o", str(art), "--json"]) == 0
+    capsys.readouterr()
+    from edgekit.artifact import read_manifest
+
+    m = read_manifest(art)
+    assert m["runtime"] == "tvm" and m["extra"]["arch"] == "aarch64"
+    assert m["extra"]["tvm_target"]["mcpu"] == "cortex-a72" and m["extra"]["verified"]["mismatches"] == 0
+
+    with open_session(pi["ssh"], timeout=60) as s:
+        assert s.probe()["runtimes"]["tvm_runner"]
+    assert main(["deploy", str(art), "--device", pi["ssh"], "--json"]) == 0
+    dep = json.loads(capsys.readouterr().out)
+    assert dep["runtime"] == "tvm" and dep["uploaded"] is True
+
+    png = tmp_path / "tvm.png"
+    cmd = ["profile", str(art), "--device", pi["ssh"], "--runs", "10", "--warmup", "2", "--threads", "1"]
+    assert main([*cmd, "--json", "--png", str(png)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["runtime"] == "tvm" and rep["uploaded"] is False and len(rep["latencies_ms"]) == 10
+    assert 0 < rep["min_ms"] <= rep["median_ms"] <= rep["p90_ms"] <= rep["p99_ms"] <= rep["max_ms"]
+    assert rep["load_ms"] > 0 and rep["peak_memory_mib"] > rep["model_memory_mib"] > 1  # the runner's memory counts
+    kernels = {x["name"]: x["ms"] for x in rep["layers"]}  # per-kernel times from the Relax VM instrument hook
+    assert sum(k.startswith("conv2d_") for k in kernels) == 9 and any(k.startswith("dense") for k in kernels)
+    assert all(v >= 0 for v in kernels.values())
+    assert 0.2 * rep["min_ms"] < sum(kernels.values()) < 5 * rep["max_ms"]
+    assert png.stat().st_size > 10_000
+
+    assert main(["validate", str(art), "--device", pi["ssh"], "--data", str(val), "--json"]) == 0
+    v = json.loads(capsys.readouterr().out)
+    assert v["runtime"] == "tvm" and v["n"] == 100
+    assert v["bit_exact_fraction"] == 1.0 and v["max_lsb_diff"] == 0 and v["first_mismatch"] is None
+    assert v["top1_agreement_float"] >= 0.85 and v["top1"] >= 0.6
+
+
+def test_tvm_runner_reports_errors_and_survives_them(pi, tmp_path):
+    """A wrong input shape is an error from the device's TVM runtime, and the runner keeps serving."""
+    from edgekit.compile import compile_model, synth
+    from edgekit.device.errors import DeviceError
+
+    qm = synth.resnet8(seed=1)
+    res = compile_model(qm, "rpi4", tmp_path / "s.rpi4.tar", verify=False)
+    name = res.manifest["inputs"][0]["name"]
+    x = np.random.default_rng(0).integers(-128, 128, (3, *res.manifest["inputs"][0]["shape"][1:])).astype(np.int8)
+    with open_session(pi["ssh"], timeout=60) as s:
+        s.load(deploy(s, res.path).sha256, threads=1)
+        with pytest.raises(DeviceError, match="ndim"):
+            s.run({name: x[0]})
+        got, ms = s.run({name: x})  # batch 3 on a batch-1 library: three runner calls
+        assert ms > 0
+        with pytest.raises(DeviceError, match="intermediate"):
+            s.intermediates({name: x[:1]})
+    np.testing.assert_array_equal(next(iter(got.values())), qm.run(x, integer=True)[qm.outputs[0].name])
+
+
 def test_litert_and_onnxruntime_side_by_side_on_the_pi(pi, tmp_path, capsys):
     from edgekit.device.cli import main
 

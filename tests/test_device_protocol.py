@@ -162,9 +162,10 @@ def test_noisy_line_to_the_real_agent_never_gives_a_wrong_answer(tmp_path, resne
 
 
 def test_upload_over_a_very_noisy_line_shrinks_frames_and_lands_intact(tmp_path):
-    """At 5e-5 errors per byte a 256 KiB frame (~13 expected flips) practically never arrives intact:
-    the upload shrinks its frames. (At 1e-4 one put_chunk once went unanswered for 60 s in CI: see
-    the note on issue 5.)"""
+    """At 1e-4 errors per byte a 256 KiB frame (~26 expected flips) practically never arrives intact:
+    the upload shrinks its frames. Some frames lose their magic and vanish without a NAK (this once
+    left a put_chunk unanswered for 60 s): silence is resent or polled for, so no call waits out its
+    timeout (20 s here)."""
     from edgekit.artifact import pack_artifact, sha256_file
     from edgekit.device.deploy import deploy
     from edgekit.device.transports import open_session
@@ -175,11 +176,45 @@ def test_upload_over_a_very_noisy_line_shrinks_frames_and_lands_intact(tmp_path)
     art = pack_artifact(tmp_path / "big.tar", {"runtime": "onnxruntime", "model_file": "weights.bin"},
                         {"weights.bin": blob})
     clean = open_session(f"local://?root={tmp_path / 'dev'}", timeout=30)
-    noisy = NoisyChannel(clean.channel, flip=5e-5, drop=2e-6, seed=7)
-    s = Session(noisy, "local://noisy", timeout=180, max_retries=200)
+    noisy = NoisyChannel(clean.channel, flip=1e-4, drop=5e-6, seed=7)
+    s = Session(noisy, "local://noisy", timeout=20, max_retries=200)
     s.reader.gap_timeout = 0.3
+    t0 = time.monotonic()
     res = deploy(s, art)
-    assert res.uploaded and s.chunk_size < 256 << 10
+    assert res.uploaded and s.chunk_size < 256 << 10 and time.monotonic() - t0 < 90
     stored = tmp_path / "dev" / "cache" / res.sha256 / "files" / "weights.bin"
     assert sha256_file(stored) == sha256_file(blob)
     s.close()
+
+
+@pytest.mark.parametrize("fault", ["magic", "header", "payload", "drop", "cut"])
+@pytest.mark.parametrize("nth", [1, 2])
+@pytest.mark.parametrize("direction", ["out", "back"])
+def test_one_lost_or_damaged_frame_is_recovered_not_waited_out(tmp_path, direction, nth, fault):
+    """Exactly the nth frame host->agent or agent->host is damaged or lost (including the frames
+    nothing can NAK: a hit magic, a dropped frame). The call must be retried to completion well
+    within the session timeout, and a request the agent already ran must be answered from its
+    recent-responses cache, not run again (a second put_begin would leave a second upload file)."""
+    import hashlib
+    import os
+
+    from edgekit.device.transports import open_session
+    from tests.device_helpers import FrameFaults
+
+    root = tmp_path / "dev"
+    s = open_session(f"local://?root={root}", timeout=20)
+    ch = FrameFaults(s.channel, **{direction: {nth: fault}})
+    s.channel, s.reader = ch, FrameReader(ch.read, gap_timeout=0.3)
+    data = os.urandom(3000)
+    try:
+        t0 = time.monotonic()
+        token = s.call("put_begin", sha256=hashlib.sha256(data).hexdigest(), size=len(data))[0]["token"]
+        assert s.call("put_chunk", [data], token=token, offset=0)[0]["received"] == len(data)
+        took = time.monotonic() - t0
+        assert s.probe()["arch"]  # and the session goes on normally
+    finally:
+        s.close()
+    assert ch.damaged == [(direction, nth, fault)]
+    assert took < 8, f"recovering from one {fault} frame took {took:.1f} s"
+    incoming = list((root / "cache").glob(".incoming-*"))
+    assert len(incoming) == 1 and incoming[0].read_bytes() == data

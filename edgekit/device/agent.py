@@ -30,7 +30,9 @@ from typing import Any
 
 from edgekit.artifact import ArtifactError, read_manifest, sha256_file
 from edgekit.device.protocol import (
+    KIND_ACK,
     KIND_NAK,
+    KIND_POLL,
     KIND_REQUEST,
     KIND_RESPONSE,
     PROTOCOL_VERSION,
@@ -46,7 +48,7 @@ from edgekit.device.protocol import (
 )
 from edgekit.device.runtimes import AgentError, LoadedModel, runtime_class
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"  # 2: ACK/POLL frames
 RUNTIME_MODULES = {
     "numpy": "numpy",
     "reference": "numpy",
@@ -154,9 +156,7 @@ class Agent:
             runtimes[name] = importlib.util.find_spec(module) is not None
         from edgekit.device.runtimes.tvm_runner import find_runner
 
-        runner = find_runner()
-        runtimes["tvm_runner"] = runner is not None  # the TVM runtime without Python TVM (ek_runner)
-        runtimes["tvm"] = runtimes["tvm"] or runtimes["tvm_runner"]
+        runtimes["tvm_runner"] = find_runner() is not None  # 'tvm' artifacts without the tvm Python package
         return {
             "arch": platform.machine(),
             "cpu": cpu,
@@ -364,7 +364,9 @@ class Agent:
 
 
 def serve(agent: Agent, read, write) -> None:
-    """Answer frames until the stream closes. Damaged frames get a NAK so the host resends."""
+    """Answer frames until the stream closes. Damaged frames get a NAK so the host resends; a new
+    request is acknowledged before it runs (so the host polls, not resends, while it waits); a poll
+    gets the cached response again, or a NAK with its id when that request never arrived."""
     reader = FrameReader(read, gap_timeout=0.5)
     while True:
         try:
@@ -376,10 +378,16 @@ def serve(agent: Agent, read, write) -> None:
         except ProtocolError:
             write(encode_frame(KIND_NAK, 0, b""))
             continue
+        if kind == KIND_POLL:
+            cached = agent.recent.get(rid)
+            write(cached if cached is not None else encode_frame(KIND_NAK, rid, b""))
+            continue
         if kind != KIND_REQUEST:
             continue
         if payload == b"" and rid == 0:
             continue
+        if rid not in agent.recent:
+            write(encode_frame(KIND_ACK, rid, b""))
         write(agent.handle(rid, payload))
 
 

@@ -6,10 +6,18 @@ A frame is a 16-byte header, the payload, and the payload's CRC-32::
     payload (length bytes) | payload CRC-32 u32
 
 The header has its own CRC so a corrupted length is caught before waiting for bytes that will
-never come; the reader then resynchronises on the next magic. ``kind`` is REQUEST, RESPONSE or
-NAK (the peer saw a damaged frame: resend). A payload is a message: a JSON object plus binary
-blobs (arrays travel as blobs, described in the JSON). Standard library only, numpy imported
-lazily: the device agent imports this module.
+never come; the reader then resynchronises on the next magic. ``kind`` is
+
+- REQUEST (host -> agent) and RESPONSE (agent -> host, same id);
+- ACK (agent -> host, the request's id, empty): the request arrived intact and is being run;
+- POLL (host -> agent, a request's id, empty): "send the response to this id again"; the agent
+  answers from its recent-responses cache, or with a NAK carrying that id if it never got it;
+- NAK (either way): id 0 means "a damaged frame arrived", an id means "unknown request: resend it".
+
+A frame whose magic is hit vanishes without a trace (nothing can NAK it), so the host never relies
+on a NAK alone: silence before the ACK means "resend the request", silence after it "poll". A
+payload is a message: a JSON object plus binary blobs (arrays travel as blobs, described in the
+JSON). Standard library only, numpy imported lazily: the device agent imports this module.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ MAGIC = b"EK"
 KIND_REQUEST = 1
 KIND_RESPONSE = 2
 KIND_NAK = 3
+KIND_ACK = 4
+KIND_POLL = 5
 _HEADER = struct.Struct(">2sBBII")  # magic, version, kind, request id, payload length
 HEADER_SIZE = _HEADER.size + 4
 MAX_PAYLOAD = 256 << 20

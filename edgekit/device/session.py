@@ -1,8 +1,9 @@
 """The host side of the agent protocol: a byte ``Channel`` and a ``Session`` that calls the agent.
 
 Every request carries a fresh id; a damaged or lost frame (detected by CRC, a NAK from the agent,
-or a frame cut short) is resent, and the agent answers a repeated id from its cache instead of
-running it twice. A device that stays silent raises ``DeviceTimeout`` at the deadline.
+a frame cut short, or silence where an ACK or a response was due) is resent or polled for, and the
+agent answers a repeated id from its cache instead of running it twice. A device that stays silent
+raises ``DeviceTimeout`` at the deadline.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 
 from edgekit.device.errors import DeviceConnectionError, DeviceError, DeviceTimeout, NoisyLinkError
 from edgekit.device.protocol import (
+    KIND_ACK,
     KIND_NAK,
+    KIND_POLL,
     KIND_REQUEST,
     KIND_RESPONSE,
     ChannelClosed,
@@ -58,6 +61,7 @@ class Session:
         timeout: float = 60.0,
         max_retries: int = 30,
         chunk_size: int = UPLOAD_CHUNK,
+        line_rate: float = 50_000.0,
     ):
         self.channel = channel
         self.url = url
@@ -67,6 +71,9 @@ class Session:
         self._next_id = random.randrange(1, 1 << 31)
         self.retransmissions = 0
         self.chunk_size = chunk_size
+        self.line_rate = line_rate  # bytes/s assumed when waiting for a frame's ACK (a slow serial line: lower)
+        self.ack_timeout = 1.0  # silence after a request's transfer time before it is resent
+        self.poll_interval = 1.0  # first silence after the ACK before a poll (then doubling, up to 15 s)
         self.info: dict[str, Any] = {}
 
     def __enter__(self) -> Session:
@@ -87,36 +94,65 @@ class Session:
         max_retries: int | None = None,
         **fields: Any,
     ) -> tuple[dict[str, Any], list[bytes]]:
-        """Send one request and wait for its response, resending damaged frames."""
+        """Send one request and wait for its response, recovering from damaged and lost frames.
+
+        Until the agent acknowledges the request, silence for ``ack_timeout`` (plus the frame's
+        transfer time at ``line_rate``) means the request or its ACK vanished: resend it (the agent
+        answers a repeated id from its cache, never runs it twice). After the ACK the agent may be
+        busy for long (a load, a profile): silence then sends a small POLL, at growing intervals,
+        which the agent answers with the cached response once it has one. A damaged frame or a
+        NAK triggers an immediate resend (a poll once acknowledged). ``max_retries`` bounds the
+        resends caused by damage or loss, ``timeout`` the whole call."""
         timeout = self.timeout if timeout is None else timeout
+        limit = self.max_retries if max_retries is None else max_retries
         rid = self._next_id
         self._next_id = (self._next_id + 1) & 0x7FFFFFFF or 1
         frame = encode_frame(KIND_REQUEST, rid, encode_message({"op": op, **fields}, blobs))
-        deadline = time.monotonic() + timeout
+        poll = encode_frame(KIND_POLL, rid, b"")
+        start = time.monotonic()
+        deadline = start + timeout
+        rto = self.ack_timeout + len(frame) / self.line_rate  # silence before the ACK: resend
+        poll_every = self.poll_interval  # silence after the ACK: poll, backing off
         retries = 0
-        self._write(frame)
-        sent = time.monotonic()
+        acked = False
         resend_due = False  # one damaged frame can look like several: resend once for a burst
+        self._write(frame)
+        sent = start
+
+        def retry(what: bytes) -> None:
+            nonlocal retries, sent
+            retries += 1
+            self.retransmissions += 1
+            if retries > limit:
+                raise NoisyLinkError(
+                    f"{self.url}: {retries} damaged or lost frames during {op!r}; the link is too noisy "
+                    f"(check the cable and baud rate)"
+                )
+            self._write(what)
+            sent = time.monotonic()
+
         while True:
             now = time.monotonic()
-            remaining = deadline - now
-            if remaining <= 0:
+            if now >= deadline:
                 raise DeviceTimeout(
                     f"{self.url}: no answer to {op!r} within {timeout:g} s; check the device is up and its agent "
                     f"running, or raise --timeout"
                 )
             if resend_due and now - sent >= 0.05:
-                retries += 1
-                self.retransmissions += 1
-                if retries > (self.max_retries if max_retries is None else max_retries):
-                    raise NoisyLinkError(
-                        f"{self.url}: {retries} damaged frames during {op!r}; the link is too noisy "
-                        f"(check the cable and baud rate)"
-                    )
-                self._write(frame)
-                sent, resend_due = time.monotonic(), False
+                resend_due = False
+                retry(poll if acked else frame)
+            elif not resend_due and not acked and now - sent >= rto:
+                rto = min(2 * rto, 30.0)
+                retry(frame)
+            elif not resend_due and acked and now - sent >= poll_every:
+                poll_every = min(2 * poll_every, 15.0)
+                self._write(poll)  # the agent may just be busy: not counted as a retry
+                sent = time.monotonic()
+            now = time.monotonic()
+            due = sent + (0.05 if resend_due else poll_every if acked else rto)
+            wait = max(0.01, min(deadline, due) - now)
             try:
-                kind, got, payload = self.reader.read_frame(min(remaining, 0.05) if resend_due else remaining)
+                kind, got, payload = self.reader.read_frame(wait)
             except FrameTimeout:
                 continue
             except ChannelClosed as exc:
@@ -128,10 +164,19 @@ class Session:
                 resend_due = True
                 continue
             if kind == KIND_NAK:
-                resend_due = True
+                if got == rid:  # the agent never got this request (a poll found nothing): send it again
+                    acked = False
+                    resend_due = True
+                elif got == 0:
+                    resend_due = True
                 continue
-            if kind != KIND_RESPONSE or got != rid:
-                continue  # a late answer to an earlier, resent request
+            if got != rid:
+                continue  # a late or repeated answer to an earlier request
+            if kind == KIND_ACK:
+                acked, resend_due = True, False
+                continue
+            if kind != KIND_RESPONSE:
+                continue
             resp, out = decode_message(payload)
             if not resp.pop("ok", False):
                 raise DeviceError(f"{self.url}: {op} failed on the device: {resp.get('error')}")

@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--configs", default="float,rtn-w8a8,smoothquant-w8a8,mobilequant-w8a8,mobilequant-w4a8")
     ap.add_argument("--group-size", type=int, default=None,
                     help="int4 weight group size (default 32 for 4-bit weights; 0 = per channel)")
+    ap.add_argument("--gptq", action="store_true", help="round group-wise int4 weights with GPTQ")
     ap.add_argument("--integer-ops", action="store_true",
                     help="also evaluate each quantized model with integer RMSNorm/RoPE/softmax")
     ap.add_argument("--act16-extra", default="", help="comma list of tensors added to the 16-bit list")
@@ -83,8 +84,8 @@ def main() -> int:
             scheme, bits = cfg.rsplit("-", 1)
             wb = int(bits[1])
             qm, rep = quantize_lm(model, scheme, calib_ids, weight_bits=wb, act_bits=8, act16=act16,
-                                  group_size=args.group_size, seq_len=args.seq_len, n_seqs=args.calib_seqs,
-                                  steps=args.steps, lr=args.lr,
+                                  group_size=args.group_size, gptq=args.gptq, seq_len=args.seq_len,
+                                  n_seqs=args.calib_seqs, steps=args.steps, lr=args.lr,
                                   time_budget_s=args.time_budget, log=log)
             qsec = time.time() - t1
             if args.save_dir:
@@ -92,7 +93,8 @@ def main() -> int:
                 qm.save(Path(args.save_dir) / f"smollm2-{cfg}.ekq")
             r = perplexity(qm, eval_ids, args.window)
             rows.append({"config": cfg, **r, "quant_seconds": qsec, "peak_mb": peak_mb(), "report": rep,
-                         "weight_mb": qm.weight_bytes() / 1e6, "group_size": qm.meta.get("group_size", 0)})
+                         "weight_mb": qm.weight_bytes() / 1e6, "group_size": qm.meta.get("group_size", 0),
+                         "gptq": bool(qm.meta.get("gptq"))})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "report"}), flush=True)
         if args.integer_ops and cfg != "float":
             r = perplexity(qm, eval_ids, args.window, integer_ops=True)
@@ -112,7 +114,8 @@ def main() -> int:
         rel = "" if fppl is None else f"{100 * (r['perplexity'] / fppl - 1):+.2f}%"
         steps = r.get("report", {}).get("learn", {}).get("steps", "")
         wmb = f"{r['weight_mb']:.2f}" if "weight_mb" in r else ""
-        lines.append(f"| {r['config']} | {r.get('group_size') or ''} | {r['tokens']} | {r['predicted']} | "
+        name = r["config"] + (" +GPTQ" if r.get("gptq") else "")
+        lines.append(f"| {name} | {r.get('group_size') or ''} | {r['tokens']} | {r['predicted']} | "
                      f"{r['perplexity']:.3f} | {rel} | {wmb} | {r['quant_seconds']:.0f} | {r['seconds']:.0f} | "
                      f"{r['peak_mb']:.0f} | {steps} |")
     if args.minilm:

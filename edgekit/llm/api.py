@@ -64,13 +64,15 @@ def _read_text(path: str | Path) -> str:
 
 
 def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight_bits: int = 8, act_bits: int = 8,
-                act16: tuple[str, ...] | None = None, group_size: int | None = None, seq_len: int = 128,
+                act16: tuple[str, ...] | None = None, group_size: int | None = None, gptq: bool = False,
+                seq_len: int = 128,
                 n_seqs: int = 32, steps: int = 200,
                 time_budget_s: float | None = 1380.0, lr: float = 2e-2, log: Any = None) -> tuple[QuantLM, dict]:
     """Quantize ``model`` with ``scheme`` (rtn | smoothquant | mobilequant); returns the integer model and a
     report (calibration tokens, seconds, learning history). ``group_size``: int4 weights in groups of that many
     input channels (progressive, integer group scales); default 32 for 4-bit weights, 0 (per channel) turns
-    groups off."""
+    groups off. ``gptq``: round the group-wise int4 weights with GPTQ (Hessians of every linear's quantized
+    input over the calibration windows) instead of to nearest."""
     if scheme not in SCHEMES:
         raise EdgekitError(f"unknown scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     if weight_bits not in (4, 8) or act_bits not in (8, 16):
@@ -113,9 +115,23 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
                          log=log)
         report["learn"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_first": hist["loss"][0],
                            "loss_last": hist["loss"][-1]}
+    hessians = None
+    if gptq and sch.group_size and sch.weight_bits == 4:
+        from edgekit.llm.quantize import observe
+
+        t1 = time.time()
+        if ops is not None:
+            import torch
+
+            with torch.no_grad():
+                hessians = observe(cmodel, qp, sch, batches, quant_weights=True, ops=ops, hessians=True).hessians
+        else:
+            hessians = observe(model, qp, sch, batches, quant_weights=True, hessians=True).hessians
+        report["gptq_hessian_seconds"] = time.time() - t1
     report["seconds"] = time.time() - t0
     qm = build_quantlm(model, qp, sch, meta={"scheme": scheme, "source": model.meta.get("source"),
-                                             "calibration": report})
+                                             "calibration": report}, hessians=hessians)
+    report["build_seconds"] = time.time() - t0 - report["seconds"]
     return qm, report
 
 

@@ -47,12 +47,14 @@ def calib_batches(ids: np.ndarray, seq_len: int, n_seqs: int) -> np.ndarray:
 
 
 def observe(model: LlamaModel, qp: QParams | None, scheme: Scheme, batches: np.ndarray, *, quant_weights: bool,
-            ops: Any = None) -> Observer:
-    """Run the calibration windows through the model (activations unquantized) and record ranges."""
-    obs = Observer()
+            ops: Any = None, hessians: bool = False) -> Observer:
+    """Run the calibration windows through the model (activations unquantized) and record ranges; with
+    ``hessians`` (``qp`` must carry ranges) the model is fully fake-quantized and every linear's quantized input
+    is recorded as sum(x^T x) for GPTQ."""
+    obs = Observer(hessians=hessians)
     for row in batches:
-        sim_forward(model, QParams(qp.layers) if qp else None, scheme, row[None], ops=ops, quant=quant_weights,
-                    observer=obs)
+        sim_forward(model, qp if hessians else (QParams(qp.layers) if qp else None), scheme, row[None], ops=ops,
+                    quant=quant_weights, observer=obs)
     return obs
 
 
@@ -124,8 +126,44 @@ def group_int4(w: np.ndarray, clip: np.ndarray, group: int) -> tuple[np.ndarray,
     return s1.astype(np.float32), q.reshape(o, n).astype(np.uint8), sg.astype(np.uint8), z.astype(np.uint8)
 
 
+def gptq_group_int4(w: np.ndarray, hessian: np.ndarray, clip: np.ndarray, group: int, *, damp: float = 0.01,
+                    block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ (Frantar et al. 2023) onto the progressive group-wise int4 grid: the grid (s1, sg, z) is fixed from
+    the weights first ("static groups"), then columns are rounded in order, each rounding error spread over the
+    columns not yet rounded through the inverse Hessian of the layer input (``hessian`` = sum x^T x of the
+    quantized calibration inputs). Same outputs as ``group_int4``."""
+    ops = NpOps()
+    W = np.array(w, np.float64)
+    o, n = W.shape
+    s1, sg, z, qlo, qhi = group_grid(ops, W, np.asarray(clip, np.float64), group)
+    s1 = s1.astype(np.float32).astype(np.float64)
+    H = np.array(hessian, np.float64)
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(n)] += damp * float(np.mean(np.diag(H)))
+    Hi = np.linalg.inv(H)
+    U = np.linalg.cholesky((Hi + Hi.T) / 2).T  # upper Cholesky factor of H^-1
+    Q = np.zeros((o, n), np.float64)
+    col_g = np.arange(n) // group
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        Wb = W[:, i1:i2].copy()
+        Eb = np.zeros_like(Wb)
+        for j in range(i2 - i1):
+            c = i1 + j
+            g = col_g[c]
+            q = np.clip(np.round(Wb[:, j] / s1 / sg[:, g]) + z[:, g], qlo[:, g], qhi[:, g])
+            Q[:, c] = q
+            err = (Wb[:, j] - (q - z[:, g]) * sg[:, g] * s1) / U[c, c]
+            Wb[:, j + 1:] -= np.outer(err, U[c, c + 1: i2])
+            Eb[:, j] = err
+        W[:, i2:] -= Eb @ U[i1:i2, i2:]
+    return s1.astype(np.float32), Q.astype(np.uint8), sg.astype(np.uint8), z.astype(np.uint8)
+
+
 def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, in_scale: float,
-                    group_size: int = 0) -> QLinear:
+                    group_size: int = 0, hessian: np.ndarray | None = None) -> QLinear:
     """Symmetric per-channel integer weights (or progressive group-wise int4 when ``group_size`` and bits 4)
     and an int32 bias at scale in_scale * w_scale."""
     w = np.asarray(w, np.float64)
@@ -133,7 +171,10 @@ def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, i
         if w.shape[1] % group_size:
             raise QuantizationError(f"group size {group_size} does not divide a linear's input width {w.shape[1]}: "
                                     "choose a divisor (32 or 64 for most models)")
-        ws, q4, sg, z = group_int4(w, clip, group_size)
+        if hessian is not None:
+            ws, q4, sg, z = gptq_group_int4(w, hessian, clip, group_size)
+        else:
+            ws, q4, sg, z = group_int4(w, clip, group_size)
         bi = round_half_away(np.asarray(b, np.float64) / (in_scale * ws.astype(np.float64)))
         if np.abs(bi).max(initial=0) >= 2**31:
             raise QuantizationError("a bias does not fit int32 at its scale: widen the input's activation range")
@@ -147,8 +188,10 @@ def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, i
     return QLinear(wi, ws.astype(np.float32), bi.astype(np.int32), bits)
 
 
-def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str, Any] | None = None) -> QuantLM:
-    """Fold the transformation, quantize the weights, fix every activation's static scale."""
+def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str, Any] | None = None,
+                  hessians: dict[str, np.ndarray] | None = None) -> QuantLM:
+    """Fold the transformation, quantize the weights, fix every activation's static scale. ``hessians``
+    (``observe(..., hessians=True).hessians``): round group-wise int4 weights with GPTQ instead of to nearest."""
     c = model.config
     ops = NpOps()
     acts = [{n: ActQ.from_range(*map(float, qp.ranges[i][n]), scheme.bits(n)) for n in LAYER_ACTS}
@@ -163,8 +206,9 @@ def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str
         d: dict[str, Any] = {k: np.asarray(f[k], np.float32) for k in
                              ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias")}
         for k in LINS:
+            hs = None if hessians is None else hessians.get(f"{i}.{inputs[k]}")
             d[k] = quantize_linear(f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale,
-                                   scheme.group_size)
+                                   scheme.group_size, hs)
         layers.append(d)
     ones = np.ones(model.embed.shape[0], np.float32)
     embed = quantize_linear(model.embed, np.zeros(model.embed.shape[0]), ones, scheme.embed_bits,
@@ -175,6 +219,7 @@ def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str
                                gacts["final_in"].scale)
     meta = dict(meta or {})
     meta.update({"weight_bits": scheme.weight_bits, "act_bits": scheme.act_bits, "act16": list(scheme.act16),
-                 "embed_bits": scheme.embed_bits, "group_size": scheme.group_size if scheme.weight_bits == 4 else 0})
+                 "embed_bits": scheme.embed_bits, "group_size": scheme.group_size if scheme.weight_bits == 4 else 0,
+                 "gptq": hessians is not None})
     return QuantLM(c, embed, head, np.asarray(model.norm, np.float32), np.zeros(c.hidden, np.float32), layers,
                    acts, gacts, meta=meta, tokenizer=model.tokenizer)

@@ -278,12 +278,22 @@ def fake_quant_act(ops: Any, x: Any, lo: Any, hi: Any, bits: int) -> Any:
     return (ops.clamp(ops.round(x / s) + z, qmin, qmax) - z) * s
 
 
-class Observer:
-    """Per-tensor min/max of every quantization point, and per-channel |max| of the smoothing pairs' inputs."""
+LINEAR_INPUTS = ("attn_in", "attn_out", "mlp_in", "h")  # the (quantized) inputs of q/k/v, o, gate/up, down
 
-    def __init__(self) -> None:
+
+class Observer:
+    """Per-tensor min/max of every quantization point, and per-channel |max| of the smoothing pairs' inputs;
+    with ``hessians`` also sum(x^T x) of every linear's quantized input (for GPTQ)."""
+
+    def __init__(self, hessians: bool = False) -> None:
         self.minmax: dict[str, tuple[float, float]] = {}
         self.chmax: dict[str, np.ndarray] = {}
+        self.hessians: dict[str, np.ndarray] | None = {} if hessians else None
+
+    def see_input(self, key: str, x: np.ndarray) -> None:
+        x2 = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
+        h = x2.T @ x2
+        self.hessians[key] = self.hessians[key] + h if key in self.hessians else h
 
     def see(self, key: str, x: np.ndarray) -> None:
         lo, hi = float(x.min()), float(x.max())
@@ -322,7 +332,10 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
         if not quant_a:
             return x
         lo, hi = qp.granges[name] if layer is None else qp.ranges[layer][name]
-        return fake_quant_act(ops, x, lo, hi, scheme.bits(name))
+        y = fake_quant_act(ops, x, lo, hi, scheme.bits(name))
+        if observer is not None and observer.hessians is not None and name in LINEAR_INPUTS:
+            observer.see_input(key, ops.np(y))
+        return y
 
     def lin(x: Any, w: Any, bias: Any, clip: Any) -> Any:
         wq = fake_quant_weight(ops, w, clip, scheme.weight_bits, scheme.group_size) if quant_w else w

@@ -1,10 +1,12 @@
 """``adb://SERIAL``: the agent on an Android-style device through the real ``adb`` client.
 
 The bundle is pushed with ``adb push`` (temporary name, then ``mv``) into
-``ROOT/agent/<hash>``; the agent runs on the device as a TCP server on its loopback, started
-with ``adb shell`` and reached through ``adb forward`` (legacy adb shells lose exit codes and
-cannot half-close stdin, so the protocol does not ride on the shell stream). A dead agent is
-restarted on the next connection. ``adb://HOST:PORT`` is ``adb connect``-ed first.
+``ROOT/agent/<hash>`` (``AgentTransport.start_agent``, shared with ssh and local); the agent runs
+on the device as a TCP server on its loopback, started with ``adb shell`` and reached through
+``adb forward`` (legacy adb shells cannot half-close stdin, so the protocol does not ride on the
+shell stream). Shell commands' exit codes come from the shell_v2 protocol where the device has it,
+else from a status line the command prints. A dead agent is restarted on the next connection.
+``adb://HOST:PORT`` is ``adb connect``-ed first.
 ``?root=DIR`` (default ``/data/local/tmp/edgekit``), ``?python=python3``.
 """
 
@@ -19,31 +21,61 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgekit.device.agent import AGENT_LAUNCHER, bundle_contents, bundle_hash
+from edgekit.device.agent import bundle_hash
 from edgekit.device.errors import DeviceConnectionError, DeviceError, DeviceTimeout
 from edgekit.device.protocol import ChannelClosed
 from edgekit.device.session import Channel, Session
+from edgekit.device.transports.base import AgentTransport
 
 DEFAULT_ROOT = "/data/local/tmp/edgekit"
 
 
-def adb(serial: str | None, *args: str, timeout: float = 60.0, check: bool = True) -> str:
-    """Run the adb client; its output as text."""
+def _run(serial: str | None, args: tuple[str, ...], timeout: float) -> subprocess.CompletedProcess:
     exe = shutil.which("adb")
     if exe is None:
         raise DeviceConnectionError("the `adb` client is not installed: apt-get install adb")
     cmd = [exe, *(["-s", serial] if serial else []), *args]
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
         raise DeviceTimeout(f"`adb {' '.join(args[:2])}` did not finish within {timeout:g} s") from exc
+
+
+def adb(serial: str | None, *args: str, timeout: float = 60.0, check: bool = True) -> str:
+    """Run the adb client; its output as text."""
+    res = _run(serial, args, timeout)
     if check and res.returncode != 0:
         raise DeviceConnectionError(f"`adb {' '.join(args)}` failed: {(res.stderr or res.stdout).strip()}")
     return res.stdout
 
 
-def shell(serial: str, command: str, timeout: float = 60.0) -> str:
-    return adb(serial, "shell", command, timeout=timeout)
+_FEATURES: dict[str, frozenset[str]] = {}
+_STATUS_MARK = "__edgekit_exit_status="
+
+
+def features(serial: str) -> frozenset[str]:
+    """The device's adb features (``shell_v2``: shell exit codes and separate stderr)."""
+    if serial not in _FEATURES:
+        out = adb(serial, "features", timeout=30, check=False)
+        _FEATURES[serial] = frozenset(f.strip() for f in out.replace("\n", ",").split(",") if f.strip())
+    return _FEATURES[serial]
+
+
+def shell(serial: str, command: str, timeout: float = 60.0, check: bool = True) -> tuple[int, str]:
+    """Run ``command`` in the device's shell: (exit status, stdout). With shell_v2 the status is
+    ``adb shell``'s own; a legacy shell loses it, so there the command prints it as its last line."""
+    if "shell_v2" in features(serial):
+        res = _run(serial, ("shell", command), timeout)
+        status, out, err = res.returncode, res.stdout, res.stderr
+    else:
+        res = _run(serial, ("shell", f"{command}\necho {_STATUS_MARK}$?"), timeout)
+        out, _, tail = res.stdout.rpartition(_STATUS_MARK)
+        status = int(tail.strip()) if tail.strip().isdigit() else (res.returncode or 255)
+        out, err = (out if _STATUS_MARK in res.stdout else res.stdout), res.stderr
+    if check and status != 0:
+        detail = (err or out).strip().splitlines()[-3:]
+        raise DeviceConnectionError(f"adb://{serial}: `{command}` exited with {status}: {' / '.join(detail)}")
+    return status, out
 
 
 def list_devices() -> list[dict[str, str]]:
@@ -108,20 +140,57 @@ def ensure_connected(serial: str) -> None:
     )
 
 
-def install_bundle_adb(serial: str, root: str) -> str:
-    dest = f"{root}/agent/{bundle_hash()}"
-    if "present" in shell(serial, f"test -f {shlex.quote(dest + '/' + AGENT_LAUNCHER)} && echo present"):
-        return dest
-    tmp_remote = f"{root}/agent/.tmp-{int(time.time() * 1000)}"
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, data in bundle_contents().items():
-            (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
-            (Path(tmp) / name).write_bytes(data)
-        shell(serial, f"mkdir -p {shlex.quote(tmp_remote)}")
-        for name in bundle_contents():
-            adb(serial, "push", str(Path(tmp) / name), f"{tmp_remote}/{name}", timeout=120)
-    shell(serial, f"mv {shlex.quote(tmp_remote)} {shlex.quote(dest)} 2>/dev/null || rm -rf {shlex.quote(tmp_remote)}")
-    return dest
+class AdbDevice(AgentTransport):
+    """A device behind the real ``adb`` client: push for files, the agent as a TCP server on the
+    device's loopback (started with ``adb shell``) reached through ``adb forward``."""
+
+    def __init__(self, url: str, serial: str):
+        self.url, self.serial = url, serial
+        self.log = ""
+
+    def absolute_root(self, root: str) -> str:
+        q = shlex.quote
+        return shell(self.serial, f"mkdir -p {q(root)} && cd {q(root)} && pwd")[1].strip().splitlines()[-1]
+
+    def exists(self, path: str) -> bool:
+        return shell(self.serial, f"test -f {shlex.quote(path)}", check=False)[0] == 0
+
+    def write_tree(self, directory: str, files: dict[str, bytes]) -> None:
+        shell(self.serial, f"mkdir -p {shlex.quote(directory)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_bytes(data)
+                adb(self.serial, "push", str(Path(tmp) / name), f"{directory}/{name}", timeout=120)
+
+    def move_into_place(self, tmp: str, dest: str) -> None:
+        q = shlex.quote
+        shell(self.serial, f"if [ -e {q(dest)} ]; then rm -rf {q(tmp)}; else mv {q(tmp)} {q(dest)}; fi")
+
+    def launch(self, launcher: str, root: str, python: str, timeout: float) -> Session:
+        """Reach the agent this bundle left running, or start one and wait for its port file."""
+        q = shlex.quote
+        port_file = f"{root}/agent.port.{bundle_hash()}"
+        status, port_text = shell(self.serial, f"cat {q(port_file)}", check=False)
+        if status == 0 and port_text.strip().isdigit():
+            session = _try_session(self.url, self.serial, int(port_text), timeout)
+            if session is not None:
+                return session
+        shell(
+            self.serial,
+            f"rm -f {q(port_file)}; cd {q(root)} && nohup {q(python)} {q(launcher)} --tcp 127.0.0.1:0 "
+            f"--port-file {q(port_file)} --root {q(root)} >{q(root + '/agent.log')} 2>&1 </dev/null &",
+        )
+        deadline = time.monotonic() + min(timeout, 60.0)
+        while time.monotonic() < deadline:
+            status, port_text = shell(self.serial, f"cat {q(port_file)}", check=False)
+            if status == 0 and port_text.strip().isdigit():
+                session = _try_session(self.url, self.serial, int(port_text), timeout)
+                if session is not None:
+                    return session
+            time.sleep(0.5)
+        log = shell(self.serial, f"tail -5 {q(root + '/agent.log')}", check=False)[1].strip()
+        raise DeviceTimeout(f"{self.url}: the agent did not start on the device within {min(timeout, 60.0):g} s: {log}")
 
 
 def _try_session(url: str, serial: str, device_port: int, timeout: float) -> Session | None:
@@ -146,28 +215,5 @@ def open_adb(url: str, parts: Any, query: dict[str, str], timeout: float) -> Ses
     if not serial:
         raise DeviceConnectionError("adb:// needs a device serial, e.g. adb://emulator-5554; see `edgekit devices`")
     ensure_connected(serial)
-    root = query.get("root", DEFAULT_ROOT)
-    bundle = install_bundle_adb(serial, root)
-    port_file = f"{root}/agent.port.{bundle_hash()}"
-    port_text = shell(serial, f"cat {shlex.quote(port_file)} 2>/dev/null").strip()
-    if port_text.isdigit():
-        session = _try_session(url, serial, int(port_text), timeout)
-        if session is not None:
-            return session
-    python = query.get("python", "python3")
-    q = shlex.quote
-    start = (
-        f"rm -f {q(port_file)}; cd {q(root)} && nohup {q(python)} {q(bundle + '/' + AGENT_LAUNCHER)} "
-        f"--tcp 127.0.0.1:0 --port-file {q(port_file)} --root {q(root)} >{q(root + '/agent.log')} 2>&1 </dev/null &"
-    )
-    shell(serial, start)
-    deadline = time.monotonic() + min(timeout, 60.0)
-    while time.monotonic() < deadline:
-        port_text = shell(serial, f"cat {q(port_file)} 2>/dev/null").strip()
-        if port_text.isdigit():
-            session = _try_session(url, serial, int(port_text), timeout)
-            if session is not None:
-                return session
-        time.sleep(0.5)
-    log = shell(serial, f"tail -5 {q(root + '/agent.log')} 2>/dev/null").strip()
-    raise DeviceTimeout(f"{url}: the agent did not start on the device within {min(timeout, 60.0):g} s: {log}")
+    device = AdbDevice(url, serial)
+    return device.start_agent(query.get("root", DEFAULT_ROOT), query.get("python", "python3"), timeout)

@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgekit.device.agent import AGENT_LAUNCHER, bundle_contents, bundle_hash
 from edgekit.device.protocol import ChannelClosed
 from edgekit.device.session import Channel, Session
+from edgekit.device.transports.base import AgentTransport
 
 DEFAULT_ROOT = Path.home() / ".cache" / "edgekit" / "local-device"
 
@@ -60,36 +59,45 @@ class ProcessChannel(Channel):
             self.proc.wait()
 
 
-def install_bundle_locally(root: Path) -> Path:
-    """The agent bundle under ``root/agent/<hash>``, written to a temporary dir then renamed."""
-    dest = root / "agent" / bundle_hash()
-    if (dest / AGENT_LAUNCHER).is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=dest.parent))
-    for name, data in bundle_contents().items():
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp / name).write_bytes(data)
-    try:
-        os.rename(tmp, dest)
-    except OSError:  # another session installed it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+class LocalDevice(AgentTransport):
+    """This host as the device: the agent is a child process speaking over its stdin/stdout."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def absolute_root(self, root: str) -> str:
+        return str(Path(root).expanduser().resolve())
+
+    def exists(self, path: str) -> bool:
+        return Path(path).is_file()
+
+    def write_tree(self, directory: str, files: dict[str, bytes]) -> None:
+        for name, data in files.items():
+            (Path(directory) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(directory) / name).write_bytes(data)
+
+    def move_into_place(self, tmp: str, dest: str) -> None:
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another session installed it first
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def launch(self, launcher: str, root: str, python: str, timeout: float) -> Session:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        proc = subprocess.Popen(
+            [python, launcher, "--stdio", "--root", root],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=root,
+            env=env,
+            start_new_session=True,
+        )
+        session = Session(ProcessChannel(proc), self.url, timeout=timeout)
+        session.pid = proc.pid
+        return session
 
 
 def open_local(url: str, parts: Any, query: dict[str, str], timeout: float) -> Session:
     root = Path(query.get("root") or DEFAULT_ROOT)
-    bundle = install_bundle_locally(root)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.Popen(
-        [sys.executable, str(bundle / AGENT_LAUNCHER), "--stdio", "--root", str(root)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        cwd=root,
-        env=env,
-        start_new_session=True,
-    )
-    session = Session(ProcessChannel(proc), url, timeout=timeout)
-    session.pid = proc.pid
-    session.hello(timeout=min(timeout, 30.0))
-    return session
+    root.mkdir(parents=True, exist_ok=True)
+    return LocalDevice(url).start_agent(str(root), query.get("python", sys.executable), timeout)

@@ -4,8 +4,8 @@ Host keys are checked by default against ``~/.ssh/known_hosts`` (plus ``?known_h
 an unknown host is refused unless ``?insecure=1``. ``?key=FILE`` picks the private key,
 ``?root=DIR`` the agent's state directory on the device (default ``.edgekit`` in the home).
 The agent bundle is uploaded over SFTP into ``ROOT/agent/<hash>`` (temporary name, then rename)
-the first time a given agent version meets the device. Every path that reaches the remote
-shell is quoted.
+the first time a given agent version meets the device (``AgentTransport.start_agent``, shared with
+adb and local). Every path that reaches the remote shell is quoted.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from __future__ import annotations
 import posixpath
 import shlex
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-from edgekit.device.agent import AGENT_LAUNCHER, bundle_contents, bundle_hash
-from edgekit.device.errors import DeviceConnectionError, DeviceTimeout
+from edgekit.device.errors import DeviceConnectionError, DeviceError, DeviceTimeout
 from edgekit.device.protocol import ChannelClosed
 from edgekit.device.session import Channel, Session
+from edgekit.device.transports.base import AgentTransport
 
 
 class SSHChannel(Channel):
@@ -96,71 +95,77 @@ def connect_client(parts: Any, query: dict[str, str], timeout: float) -> Any:
     return client
 
 
-def install_bundle_sftp(client: Any, root: str) -> str:
-    """Upload the agent bundle if this version is missing; returns its directory on the device."""
-    sftp = client.open_sftp()
-    try:
-        home = sftp.normalize(".")
-        root_abs = root if root.startswith("/") else posixpath.join(home, root)
-        dest = posixpath.join(root_abs, "agent", bundle_hash())
+class SSHDevice(AgentTransport):
+    """The device behind one authenticated paramiko client: SFTP for files, an exec channel for the agent."""
+
+    def __init__(self, url: str, client: Any):
+        self.url, self.client = url, client
+        self.sftp = client.open_sftp()
+        self.chan: Any = None
+
+    def absolute_root(self, root: str) -> str:
+        return root if root.startswith("/") else posixpath.join(self.sftp.normalize("."), root)
+
+    def exists(self, path: str) -> bool:
         try:
-            sftp.stat(posixpath.join(dest, AGENT_LAUNCHER))
-            return dest
+            self.sftp.stat(path)
+            return True
         except OSError:
-            pass
-        for d in (root_abs, posixpath.join(root_abs, "agent")):
-            try:
-                sftp.mkdir(d)
-            except OSError:
-                pass
-        tmp = posixpath.join(root_abs, "agent", f".tmp-{uuid.uuid4().hex}")
-        made = set()
-        for name, data in bundle_contents().items():
-            parent = posixpath.dirname(posixpath.join(tmp, name))
-            chain = []
-            while parent not in made and parent != posixpath.dirname(tmp):
-                chain.append(parent)
-                parent = posixpath.dirname(parent)
-            for d in reversed(chain):
-                sftp.mkdir(d)
-                made.add(d)
-            with sftp.open(posixpath.join(tmp, name), "wb") as f:
-                f.write(data)
+            return False
+
+    def _mkdirs(self, path: str) -> None:
+        if path in ("", "/") or self.exists(path):
+            return
+        self._mkdirs(posixpath.dirname(path))
         try:
-            sftp.posix_rename(tmp, dest)
-        except OSError:  # another session installed it meanwhile
-            pass
-        return dest
-    finally:
-        sftp.close()
+            self.sftp.mkdir(path)
+        except OSError:
+            if not self.exists(path):  # not a concurrent mkdir
+                raise
+
+    def write_tree(self, directory: str, files: dict[str, bytes]) -> None:
+        for name, data in files.items():
+            path = posixpath.join(directory, name)
+            self._mkdirs(posixpath.dirname(path))
+            with self.sftp.open(path, "wb") as f:
+                f.write(data)
+
+    def move_into_place(self, tmp: str, dest: str) -> None:
+        try:
+            self.sftp.posix_rename(tmp, dest)
+        except OSError:  # another session installed it meanwhile: drop our copy
+            self._exec(f"rm -rf {shlex.quote(tmp)}")
+
+    def _exec(self, command: str) -> int:
+        chan = self.client.get_transport().open_session(timeout=30)
+        chan.exec_command(command)
+        return chan.recv_exit_status()
+
+    def launch(self, launcher: str, root: str, python: str, timeout: float) -> Session:
+        self.sftp.close()
+        cmd = f"exec {shlex.quote(python)} {shlex.quote(launcher)} --stdio --root {shlex.quote(root)}"
+        self.chan = self.client.get_transport().open_session(timeout=timeout)
+        self.chan.exec_command(cmd)
+        return Session(SSHChannel(self.client, self.chan), self.url, timeout=timeout)
+
+    def start_failed(self, exc: DeviceError) -> DeviceError:
+        if not isinstance(exc, DeviceConnectionError):
+            return exc
+        err = b""
+        while self.chan.recv_stderr_ready():
+            err += self.chan.recv_stderr(65536)
+        detail = err.decode(errors="replace").strip().splitlines()[-3:]
+        return DeviceConnectionError(
+            f"{self.url.split('?')[0]}: the agent did not start on the device (exit status {self.chan.exit_status}): "
+            f"{' / '.join(detail) or exc}; the device needs python3 with numpy (set ?python=PATH otherwise)"
+        )
 
 
 def open_ssh(url: str, parts: Any, query: dict[str, str], timeout: float) -> Session:
     client = connect_client(parts, query, min(timeout, 30.0))
     try:
-        root = query.get("root", ".edgekit")
-        bundle = install_bundle_sftp(client, root)
-        root_abs = posixpath.join(posixpath.dirname(posixpath.dirname(bundle)))
-        python = query.get("python", "python3")
-        cmd = (
-            f"exec {shlex.quote(python)} {shlex.quote(posixpath.join(bundle, AGENT_LAUNCHER))} --stdio "
-            f"--root {shlex.quote(root_abs)}"
-        )
-        chan = client.get_transport().open_session(timeout=timeout)
-        chan.exec_command(cmd)
-        session = Session(SSHChannel(client, chan), url, timeout=timeout)
-        try:
-            session.hello(timeout=min(timeout, 60.0))
-        except DeviceConnectionError as exc:
-            err = b""
-            while chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
-            detail = err.decode(errors="replace").strip().splitlines()[-3:]
-            raise DeviceConnectionError(
-                f"{url.split('?')[0]}: the agent did not start on the device (exit status {chan.exit_status}): "
-                f"{' / '.join(detail) or exc}; the device needs python3 with numpy (set ?python=PATH otherwise)"
-            ) from exc
-        return session
+        device = SSHDevice(url, client)
+        return device.start_agent(query.get("root", ".edgekit"), query.get("python", "python3"), timeout)
     except BaseException:
         client.close()
         raise

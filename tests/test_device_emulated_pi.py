@@ -237,11 +237,11 @@ def test_serial_line_with_bit_flips_never_reports_a_wrong_result(pi, r8, resnet8
     holder: dict[str, NoisyChannel] = {}
 
     def wrap(channel):
-        holder["noisy"] = NoisyChannel(channel, flip=5e-5, drop=5e-6, seed=11)
+        holder["noisy"] = NoisyChannel(channel, flip=1e-4, drop=5e-6, seed=11)
         return holder["noisy"]
 
     parts = urlsplit(pi["serial"])
-    s = open_serial(pi["serial"], parts, {"baud": "921600"}, 120, wrap=wrap)
+    s = open_serial(pi["serial"], parts, {"baud": "921600"}, 30, wrap=wrap)
     s.max_retries = 200
     s.reader.gap_timeout = 0.3
     try:
@@ -264,6 +264,24 @@ def test_adb_transport_with_the_real_client(pi, r8, val16):
     serial = pi["adb"].removeprefix("adb://")
     listed = {d["serial"]: d for d in list_devices()}
     assert listed[serial]["state"] == "device" and "Raspberry" in listed[serial].get("model", "")
+
+
+def test_adb_shell_exit_codes_with_shell_v2_and_on_a_legacy_shell(pi):
+    from edgekit.device.transports import adb
+
+    serial = pi["adb"].removeprefix("adb://")
+    adb.ensure_connected(serial)
+    assert "shell_v2" in adb.features(serial)
+    assert adb.shell(serial, "echo out; echo err >&2; exit 3", check=False) == (3, "out\n")
+    assert adb.shell(serial, "test -d /opt/edgekit-agent")[0] == 0
+    with pytest.raises(DeviceConnectionError, match="exited with 1"):
+        adb.shell(serial, "test -f /no/such/file")
+    adb._FEATURES[serial] = frozenset()  # what a device without shell_v2 looks like to the client
+    try:
+        assert adb.shell(serial, "echo out; exit 5", check=False) == (5, "out\n")
+        assert adb.shell(serial, "true") == (0, "")
+    finally:
+        del adb._FEATURES[serial]
 
 
 def test_agent_killed_mid_run_over_ssh(pi, r8):

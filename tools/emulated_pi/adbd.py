@@ -1,7 +1,8 @@
 """A small adbd for the emulated device: the ADB wire protocol over TCP, standard library only.
 
-Enough for the real ``adb`` client's ``connect``, ``devices -l``, ``shell`` (legacy protocol, no
-exit codes), ``push``/``pull`` (``sync:``) and ``forward`` (``tcp:PORT``). No authentication:
+Enough for the real ``adb`` client's ``connect``, ``devices -l``, ``features``, ``shell`` (the
+shell_v2 protocol with separate stderr and exit codes, and the legacy one), ``push``/``pull``
+(``sync:``) and ``forward`` (``tcp:PORT``). No authentication:
 it listens on loopback only. Usage: ``python3 adbd.py --port 5565``.
 """
 
@@ -20,7 +21,10 @@ A_SYNC, A_CNXN, A_OPEN, A_OKAY = 0x434E5953, 0x4E584E43, 0x4E45504F, 0x59414B4F
 A_CLSE, A_WRTE, A_AUTH = 0x45534C43, 0x45545257, 0x48545541
 VERSION = 0x01000001
 MAX_DATA = 256 * 1024
-BANNER = b"device::ro.product.name=rpi4;ro.product.model=Emulated_Raspberry_Pi_4;ro.product.device=rpi4;features=\0"
+BANNER = (
+    b"device::ro.product.name=rpi4;ro.product.model=Emulated_Raspberry_Pi_4;ro.product.device=rpi4;"
+    b"features=shell_v2,cmd\0"
+)
 HEADER = struct.Struct("<6I")
 
 
@@ -67,7 +71,10 @@ class Connection:
             service = data.rstrip(b"\0").decode()
             local = next(self.ids)
             stream = Stream(self, local, arg0)
-            handler = SERVICES.get(service.split(":", 1)[0] + ":")
+            name = service.split(":", 1)[0]
+            handler = SERVICES.get(name + ":")
+            if handler is None and name.startswith("shell,") and "v2" in name.split(","):
+                handler = service_shell_v2  # "shell,v2[,raw|,pty][,TERM=..]:command"
             if handler is None:
                 self.send(A_CLSE, 0, arg0)
                 return
@@ -143,8 +150,9 @@ class Stream:
         except (EOFError, OSError):
             pass
         finally:
+            # wait for the last write's OKAY while still registered (the client may answer it with CLSE)
+            self.acked.wait(5)
             if self.conn.streams.pop(self.local, None) is not None:
-                self.acked.wait(5)
                 try:
                     self.conn.send(A_CLSE, self.local, self.remote)
                 except OSError:
@@ -184,6 +192,59 @@ def service_shell(stream: Stream, command: str) -> None:
             break
         stream.write(data)
     proc.wait()
+
+
+SHELL_STDIN, SHELL_STDOUT, SHELL_STDERR, SHELL_EXIT, SHELL_CLOSE_STDIN = 0, 1, 2, 3, 4
+SHELL_PACKET = struct.Struct("<BI")
+
+
+def service_shell_v2(stream: Stream, command: str) -> None:
+    """The shell protocol (feature ``shell_v2``): stdin, stdout and stderr as separate packets
+    ``[id u8][length u32][data]``, and the exit status as a last packet, so ``adb shell`` returns it."""
+    proc = subprocess.Popen(
+        ["/bin/sh", "-c", command] if command else ["/bin/sh", "-i"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    lock = threading.Lock()
+
+    def send(ident: int, data: bytes) -> None:
+        with lock:
+            stream.write(SHELL_PACKET.pack(ident, len(data)) + data)
+
+    def pump_in() -> None:
+        try:
+            while True:
+                ident, length = SHELL_PACKET.unpack(stream.read_exact(SHELL_PACKET.size))
+                data = stream.read_exact(length) if length else b""
+                if ident == SHELL_STDIN:
+                    proc.stdin.write(data)
+                    proc.stdin.flush()
+                elif ident == SHELL_CLOSE_STDIN:
+                    break
+        except (EOFError, OSError):
+            pass
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+
+    def pump_out(fd: int, ident: int) -> None:
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            send(ident, data)
+
+    threading.Thread(target=pump_in, daemon=True).start()
+    err = threading.Thread(target=pump_out, args=(proc.stderr.fileno(), SHELL_STDERR), daemon=True)
+    err.start()
+    pump_out(proc.stdout.fileno(), SHELL_STDOUT)
+    err.join()
+    send(SHELL_EXIT, bytes([proc.wait() & 0xFF]))
 
 
 def service_tcp(stream: Stream, port: str) -> None:

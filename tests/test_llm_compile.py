@@ -86,9 +86,18 @@ def test_raspberry_pi_bit_exact_under_qemu(target, wbits, intrin, qm8):
     assert rep["mismatches"] == 0 and rep["how"].startswith("qemu-user"), rep
 
 
-def test_group_wise_weights_are_refused(qm8):
+def test_group_wise_int4_compiles_through_its_int8_expansion(qm8):
+    """Group-wise int4 (qlm keeps the exact int8 expansion as ``weight``) lowers like int8; a scale
+    that is not per output channel is refused."""
+    tiny = random_llama(CFG, seed=0)
+    tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, 400)
+    sch = Scheme(weight_bits=4, group_size=16)
+    qg = build_quantlm(tiny, calibrate(tiny, "rtn", sch, calib_batches(tokens[200:], 32, 2)), sch)
+    assert qg.layers[0]["up"].grouped
+    c = compile_linears(qg, "host", layers=[0], tokens=2, tensorize=False)
+    assert verify_linears(c, _inputs(qg, c, 2))["mismatches"] == 0
     bad = copy.deepcopy(qm8)
     lin = bad.layers[0]["q"]
-    lin.w_scale = np.repeat(lin.w_scale[:, None], 2, axis=1)  # a [out, groups] scale
+    lin.w_scale = np.repeat(lin.w_scale[:, None], 2, axis=1)
     with pytest.raises(LMCompileError, match="per-output-channel"):
         linear_specs(bad, [0])

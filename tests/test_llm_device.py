@@ -28,10 +28,10 @@ PROMPTS = [[3, 17, 42, 5, 9, 1], [60, 2, 2, 33], [7]]
 NEW = 8
 
 
-def _quantlm(wbits: int):
+def _quantlm(wbits: int, group: int = 0):
     tiny = random_llama(CFG, seed=0)
     tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, 400)
-    sch = Scheme(weight_bits=wbits)
+    sch = Scheme(weight_bits=wbits, group_size=group)
     return build_quantlm(tiny, calibrate(tiny, "rtn", sch, calib_batches(tokens[200:], 32, 2)), sch)
 
 
@@ -57,10 +57,12 @@ def test_artifact_manifest(art8):
     assert m["extra"]["max_new_tokens"] == NEW and m["model_hash"] == m["files"]["model.ekq"]
 
 
-@pytest.mark.parametrize("wbits", [8, 4])
-def test_local_generation_identical_to_host(wbits, qlm8, art8, local_url, tmp_path):
-    qm = qlm8 if wbits == 8 else _quantlm(4)
+@pytest.mark.parametrize(("wbits", "group"), [(8, 0), (4, 0), (4, 16)])
+def test_local_generation_identical_to_host(wbits, group, qlm8, art8, local_url, tmp_path):
+    """W8A8, per-channel W4A8 and group-wise int4 (the device expands the stored 4-bit codes itself)."""
+    qm = qlm8 if wbits == 8 else _quantlm(4, group)
     art = art8 if wbits == 8 else pack_lm_artifact(qm, tmp_path / "lm4.tar", max_new_tokens=NEW)
+    assert read_manifest(art)["extra"]["group_size"] == group
     with open_session(local_url, timeout=60) as s:
         rep = validate_lm(s, art, PROMPTS)
         assert rep["tokens_identical"] and rep["bit_exact_fraction"] == 1.0 and rep["n"] == len(PROMPTS)

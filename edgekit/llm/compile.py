@@ -19,6 +19,10 @@ stacked as 2T rows of the same int8 GEMM (so the dot-product instructions still 
 int32 partial sum is exact) and recombined in int64: ``256 * acc_hi + acc_lo`` plus a bias that
 absorbs every constant (the zero point, the +128, and the VNNI +128 on unsigned activations).
 
+Per-channel int4 weights are compiled as int8 values (as ``lower.py`` does for tensorized layers);
+group-wise int4 through its exact int8 expansion (``QLinear.weight``), so weights take 8 bits in the
+library either way.
+
 The Relax ``main`` takes one int8 buffer ``[T, bytes]``: per layer attn_in | attn_out | mlp_in
 (int8) | h (int16 little-endian bytes), then final_in (int16 bytes) with the head, and returns the
 outputs in order (``LinearSpec`` list). One int8 input is what edgekit's C++ runner

@@ -108,6 +108,7 @@ def test_save_load_is_bit_exact_and_versioned(tiny, tokens, tmp_path):
 
 # ---- group-wise int4 (progressive: int8 per channel, uint4 groups with integer scales) -----------------------
 
+
 def _lins(qm: QuantLM) -> dict[str, object]:
     out = {"embed": qm.embed}
     for i, lw in enumerate(qm.layers):
@@ -170,8 +171,10 @@ def test_group_int4_integer_weights_equal_the_simulated_weights(tiny, tokens):
 
 def test_group_int4_roundtrips_exactly_and_files_are_small(tiny, tokens, tmp_path):
     sch8, sch4 = Scheme(), Scheme(weight_bits=4, group_size=32)
-    qms = {b: build_quantlm(tiny, calibrate(tiny, "rtn", s, calib_batches(tokens[200:], 32, 2)), s)
-           for b, s in ((8, sch8), (4, sch4))}
+    qms = {
+        b: build_quantlm(tiny, calibrate(tiny, "rtn", s, calib_batches(tokens[200:], 32, 2)), s)
+        for b, s in ((8, sch8), (4, sch4))
+    }
     qm = qms[4]
     p = qm.save(tmp_path / "g.ekq")
     with zipfile.ZipFile(p) as z:
@@ -240,13 +243,13 @@ def test_group_int4_corrupt_group_parameters_are_refused():
 
     q4 = np.full((2, 32), 15, np.uint8)
     with pytest.raises(ModelFormatError, match="int8"):
-        QLinear.from_groups(q4, np.full((2, 1), 16, np.uint8), np.zeros((2, 1), np.uint8), 32, np.ones(2),
-                            np.zeros(2))
+        QLinear.from_groups(q4, np.full((2, 1), 16, np.uint8), np.zeros((2, 1), np.uint8), 32, np.ones(2), np.zeros(2))
     with pytest.raises(ModelFormatError, match="groups"):
         QLinear.from_groups(q4, np.ones((2, 2), np.uint8), np.zeros((2, 2), np.uint8), 32, np.ones(2), np.zeros(2))
 
 
 # ---- integer-only RMSNorm, RoPE, softmax ---------------------------------------------------------------------
+
 
 def test_integer_sqrt_and_bit_length():
     import math
@@ -275,7 +278,7 @@ def test_integer_rmsnorm_rope_softmax_match_float_to_a_few_steps():
     assert np.abs(int_rmsnorm(x, xq, w, b, out, 1e-5) - ref).max() <= 1
     # RoPE from int32 accumulators with per-channel scales
     t, heads, hd = 20, 3, 16
-    acc = rng.integers(-2**20, 2**20, (t, heads * hd))
+    acc = rng.integers(-(2**20), 2**20, (t, heads * hd))
     real = rng.uniform(1e-6, 3e-6, heads * hd)
     qo = ActQ.from_range(-4, 4, 8)
     cos, sin = rope_tables(hd, np.arange(7, 7 + t), 10000.0)
@@ -322,8 +325,9 @@ def test_kv_cache_generation_equals_full_recompute(tiny, tokens):
     assert out == full[12:]
 
 
-@pytest.mark.parametrize("wbits,group,mode", [(8, 0, "expand"), (4, 0, "expand"), (4, 16, "expand"),
-                                             (4, 16, "blocked")])
+@pytest.mark.parametrize(
+    "wbits,group,mode", [(8, 0, "expand"), (4, 0, "expand"), (4, 16, "expand"), (4, 16, "blocked")]
+)
 def test_onnx_qdq_export_matches_simulation(tiny, tokens, tmp_path, wbits, group, mode):
     ort = pytest.importorskip("onnxruntime")
     from edgekit.llm.onnx_export import export_onnx
@@ -415,8 +419,18 @@ def test_export_and_eval_api(tiny, tmp_path):
     text = "the quick brown fox jumps over the lazy dog. " * 40
     (tmp_path / "calib.txt").write_text(text[::-1])
     (tmp_path / "eval.txt").write_text(text)
-    rep = export_lm(tmp_path / "m", "smoothquant", 8, 8, tmp_path / "calib.txt", tmp_path / "lm.ekq", seq_len=64,
-                    n_seqs=4, onnx=tmp_path / "lm.onnx", onnx_max_len=128)
+    rep = export_lm(
+        tmp_path / "m",
+        "smoothquant",
+        8,
+        8,
+        tmp_path / "calib.txt",
+        tmp_path / "lm.ekq",
+        seq_len=64,
+        n_seqs=4,
+        onnx=tmp_path / "lm.onnx",
+        onnx_max_len=128,
+    )
     assert rep["format"] == "edgekit.lm" and rep["calib_tokens"] == 256
     assert Path(rep["onnx"]).exists()
     import edgekit.llm as llm

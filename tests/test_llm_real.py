@@ -96,8 +96,9 @@ def test_smollm2_group_int4_mobilequant_smoke(smol, text, tmp_path):
     q2 = load_lm(qm.save(tmp_path / "w4.ekq"))
     assert np.array_equal(q2.layers[7]["up"].weight, qm.layers[7]["up"].weight)
     emb = qm.embed.weight.size
-    assert qm.weight_bytes() - emb < 0.55 * sum(v.weight.size for lw in qm.layers for v in lw.values()
-                                                if hasattr(v, "weight"))
+    assert qm.weight_bytes() - emb < 0.55 * sum(
+        v.weight.size for lw in qm.layers for v in lw.values() if hasattr(v, "weight")
+    )
     ql, n = nll_windows(lambda w: int_forward(q2, w), ev, 128)
     assert float(np.exp(ql / n)) < 1.5 * f_ppl, (f_ppl, float(np.exp(ql / n)))
 
@@ -109,8 +110,10 @@ def test_minilm_w8a8_cosine(text):
 
     m = load_bert()
     enc = m.tokenizer
-    emb = {s: bert_forward(m, np.array(enc.encode(s).ids)) for s in
-           ("A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today.")}
+    emb = {
+        s: bert_forward(m, np.array(enc.encode(s).ids))
+        for s in ("A man is playing a guitar.", "Someone plays the guitar.", "The stock market fell sharply today.")
+    }
     a, b, c = (v / np.linalg.norm(v) for v in emb.values())
     assert a @ b > a @ c + 0.2  # the float encoder is a working sentence encoder
     sents = [s for s in text[:6000].split(" . ") if len(s.split()) > 6][:12]

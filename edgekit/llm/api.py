@@ -29,7 +29,7 @@ def nll_windows(logits_fn: Any, ids: np.ndarray, window: int) -> tuple[float, in
     own start), and how many tokens were predicted."""
     total, count = 0.0, 0
     for s in range(0, len(ids) - 1, window):
-        w = ids[s: s + window]
+        w = ids[s : s + window]
         if len(w) < 2:
             break
         lg = np.asarray(logits_fn(w), np.float64)[:-1]
@@ -40,8 +40,9 @@ def nll_windows(logits_fn: Any, ids: np.ndarray, window: int) -> tuple[float, in
     return total, count
 
 
-def perplexity(model: LlamaModel | QuantLM, ids: np.ndarray, window: int = 512, *,
-               integer_ops: bool = False) -> dict[str, Any]:
+def perplexity(
+    model: LlamaModel | QuantLM, ids: np.ndarray, window: int = 512, *, integer_ops: bool = False
+) -> dict[str, Any]:
     """Perplexity of a float or integer model on ``ids`` (windows of ``window`` tokens); ``integer_ops``: the
     integer model's RMSNorm, RoPE and softmax in integers too."""
     t0 = time.time()
@@ -49,8 +50,13 @@ def perplexity(model: LlamaModel | QuantLM, ids: np.ndarray, window: int = 512, 
         nll, n = nll_windows(lambda w: int_forward(model, w, integer_ops=integer_ops), ids, window)
     else:
         nll, n = nll_windows(lambda w: float_forward(model, w), ids, window)
-    return {"perplexity": float(np.exp(nll / n)), "tokens": int(len(ids)), "predicted": n, "window": window,
-            "seconds": time.time() - t0}
+    return {
+        "perplexity": float(np.exp(nll / n)),
+        "tokens": int(len(ids)),
+        "predicted": n,
+        "window": window,
+        "seconds": time.time() - t0,
+    }
 
 
 def _read_text(path: str | Path) -> str:
@@ -63,11 +69,23 @@ def _read_text(path: str | Path) -> str:
     return text
 
 
-def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight_bits: int = 8, act_bits: int = 8,
-                act16: tuple[str, ...] | None = None, group_size: int | None = None, gptq: bool = False,
-                seq_len: int = 128,
-                n_seqs: int = 32, steps: int = 200,
-                time_budget_s: float | None = 1380.0, lr: float = 2e-2, log: Any = None) -> tuple[QuantLM, dict]:
+def quantize_lm(
+    model: LlamaModel,
+    scheme: str,
+    calib_ids: np.ndarray,
+    *,
+    weight_bits: int = 8,
+    act_bits: int = 8,
+    act16: tuple[str, ...] | None = None,
+    group_size: int | None = None,
+    gptq: bool = False,
+    seq_len: int = 128,
+    n_seqs: int = 32,
+    steps: int = 200,
+    time_budget_s: float | None = 1380.0,
+    lr: float = 2e-2,
+    log: Any = None,
+) -> tuple[QuantLM, dict]:
     """Quantize ``model`` with ``scheme`` (rtn | smoothquant | mobilequant); returns the integer model and a
     report (calibration tokens, seconds, learning history). ``group_size``: int4 weights in groups of that many
     input channels (progressive, integer group scales); default 32 for 4-bit weights, 0 (per channel) turns
@@ -78,8 +96,11 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
     if weight_bits not in (4, 8) or act_bits not in (8, 16):
         raise EdgekitError("weight bits must be 8 or 4 and activation bits 8 or 16")
     gs = (DEFAULT_GROUP if weight_bits == 4 else 0) if group_size is None else int(group_size)
-    sch = Scheme(weight_bits=weight_bits, act_bits=act_bits, group_size=gs) if act16 is None else \
-        Scheme(weight_bits=weight_bits, act_bits=act_bits, act16=tuple(act16), group_size=gs)
+    sch = (
+        Scheme(weight_bits=weight_bits, act_bits=act_bits, group_size=gs)
+        if act16 is None
+        else Scheme(weight_bits=weight_bits, act_bits=act_bits, act16=tuple(act16), group_size=gs)
+    )
     batches = calib_batches(calib_ids, seq_len, n_seqs)
     t0 = time.time()
     ops = None
@@ -89,8 +110,9 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
         ops = TorchOps()
     except ImportError:
         if scheme == "mobilequant":
-            raise EdgekitError("the mobilequant scheme learns with torch: pip install 'edgekit[torch]' "
-                               "(torch==2.13.0)") from None
+            raise EdgekitError(
+                "the mobilequant scheme learns with torch: pip install 'edgekit[torch]' (torch==2.13.0)"
+            ) from None
     cmodel = model
     if ops is not None:
         import torch
@@ -111,10 +133,15 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
 
         with torch.no_grad():
             chmax = observe(cmodel, None, sch, batches, quant_weights=False, ops=ops)
-        qp, hist = learn(cmodel, qp, sch, batches, steps=steps, lr=lr, time_budget_s=time_budget_s, chmax=chmax,
-                         log=log)
-        report["learn"] = {"steps": hist["steps"], "seconds": hist["seconds"], "loss_first": hist["loss"][0],
-                           "loss_last": hist["loss"][-1]}
+        qp, hist = learn(
+            cmodel, qp, sch, batches, steps=steps, lr=lr, time_budget_s=time_budget_s, chmax=chmax, log=log
+        )
+        report["learn"] = {
+            "steps": hist["steps"],
+            "seconds": hist["seconds"],
+            "loss_first": hist["loss"][0],
+            "loss_last": hist["loss"][-1],
+        }
     hessians = None
     if gptq and sch.group_size and sch.weight_bits == 4:
         from edgekit.llm.quantize import observe
@@ -129,14 +156,26 @@ def quantize_lm(model: LlamaModel, scheme: str, calib_ids: np.ndarray, *, weight
             hessians = observe(model, qp, sch, batches, quant_weights=True, hessians=True).hessians
         report["gptq_hessian_seconds"] = time.time() - t1
     report["seconds"] = time.time() - t0
-    qm = build_quantlm(model, qp, sch, meta={"scheme": scheme, "source": model.meta.get("source"),
-                                             "calibration": report}, hessians=hessians)
+    qm = build_quantlm(
+        model,
+        qp,
+        sch,
+        meta={"scheme": scheme, "source": model.meta.get("source"), "calibration": report},
+        hessians=hessians,
+    )
     report["build_seconds"] = time.time() - t0 - report["seconds"]
     return qm, report
 
 
-def export_lm(model_path: str | Path, scheme: str, weight_bits: int, act_bits: int, calib_text: str | Path,
-              out: str | Path, **opts: Any) -> dict[str, Any]:
+def export_lm(
+    model_path: str | Path,
+    scheme: str,
+    weight_bits: int,
+    act_bits: int,
+    calib_text: str | Path,
+    out: str | Path,
+    **opts: Any,
+) -> dict[str, Any]:
     """Quantize a GGUF / safetensors Llama and write it as ``.ekq`` (``format: "edgekit.lm"``).
 
     ``opts``: act16 (tensor names kept 16-bit), seq_len, n_seqs, steps, time_budget_s, lr, log (a callable),
@@ -158,8 +197,9 @@ def export_lm(model_path: str | Path, scheme: str, weight_bits: int, act_bits: i
     return report
 
 
-def eval_lm(model_path: str | Path, text_path: str | Path, tokens: int = 4096, window: int = 512, *,
-            integer_ops: bool = False) -> dict[str, Any]:
+def eval_lm(
+    model_path: str | Path, text_path: str | Path, tokens: int = 4096, window: int = 512, *, integer_ops: bool = False
+) -> dict[str, Any]:
     """Perplexity of a float (.gguf / safetensors) or quantized (.ekq) model on the first ``tokens`` tokens
     (``integer_ops``: integer RMSNorm/RoPE/softmax in the quantized model)."""
     p = Path(model_path)

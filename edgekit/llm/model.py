@@ -67,6 +67,7 @@ class LlamaModel:
 
 # ---- float forward (numpy) ------------------------------------------------------------------------
 
+
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     x = x.astype(np.float32)
     return (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
@@ -123,6 +124,7 @@ def float_forward(model: LlamaModel, ids: np.ndarray, *, hidden_only: bool = Fal
 
 
 # ---- loaders --------------------------------------------------------------------------------------
+
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation (interleaved RoPE) to Hugging Face's rotate-half layout."""
@@ -181,8 +183,17 @@ def load_gguf(path: str | Path) -> LlamaModel:
         bos_token_id=field_val("tokenizer.ggml.bos_token_id"),
         eos_token_id=field_val("tokenizer.ggml.eos_token_id"),
     )
-    names = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up",
-             "down": "ffn_down", "attn_norm": "attn_norm", "mlp_norm": "ffn_norm"}
+    names = {
+        "q": "attn_q",
+        "k": "attn_k",
+        "v": "attn_v",
+        "o": "attn_output",
+        "gate": "ffn_gate",
+        "up": "ffn_up",
+        "down": "ffn_down",
+        "attn_norm": "attn_norm",
+        "mlp_norm": "ffn_norm",
+    }
     layers = []
     for i in range(cfg.layers):
         lw = {k: tensors[f"blk.{i}.{n}.weight"] for k, n in names.items()}
@@ -193,11 +204,20 @@ def load_gguf(path: str | Path) -> LlamaModel:
     if field_val("tokenizer.ggml.model") == "gpt2":
         from edgekit.llm.tokenizer import bpe_from_gguf_fields
 
-        tok = bpe_from_gguf_fields(field_val("tokenizer.ggml.tokens"), field_val("tokenizer.ggml.merges"),
-                                   field_val("tokenizer.ggml.pre", "gpt2"))
-    return LlamaModel(cfg, tensors["token_embd.weight"], tensors["output_norm.weight"], layers,
-                      lm_head=tensors.get("output.weight"), tokenizer=tok,
-                      meta={"source": str(path), "name": field_val("general.name", path.stem)})
+        tok = bpe_from_gguf_fields(
+            field_val("tokenizer.ggml.tokens"),
+            field_val("tokenizer.ggml.merges"),
+            field_val("tokenizer.ggml.pre", "gpt2"),
+        )
+    return LlamaModel(
+        cfg,
+        tensors["token_embd.weight"],
+        tensors["output_norm.weight"],
+        layers,
+        lm_head=tensors.get("output.weight"),
+        tokenizer=tok,
+        meta={"source": str(path), "name": field_val("general.name", path.stem)},
+    )
 
 
 def load_safetensors(path: str | Path) -> LlamaModel:
@@ -216,17 +236,30 @@ def load_safetensors(path: str | Path) -> LlamaModel:
     for f in files:
         sd.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
     cfg = LlamaConfig(
-        vocab_size=int(hf["vocab_size"]), hidden=int(hf["hidden_size"]), intermediate=int(hf["intermediate_size"]),
-        layers=int(hf["num_hidden_layers"]), heads=int(hf["num_attention_heads"]),
+        vocab_size=int(hf["vocab_size"]),
+        hidden=int(hf["hidden_size"]),
+        intermediate=int(hf["intermediate_size"]),
+        layers=int(hf["num_hidden_layers"]),
+        heads=int(hf["num_attention_heads"]),
         kv_heads=int(hf.get("num_key_value_heads", hf["num_attention_heads"])),
-        rope_theta=float(hf.get("rope_theta", 10000.0)), rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
     )
     p = "model.layers.{}."
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    names = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+    }
     layers = [{k: sd[p.format(i) + n + ".weight"] for k, n in names.items()} for i in range(cfg.layers)]
     head = None if cfg.tie_embeddings else sd.get("lm_head.weight")
     tok = None
@@ -234,8 +267,15 @@ def load_safetensors(path: str | Path) -> LlamaModel:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return LlamaModel(cfg, sd["model.embed_tokens.weight"], sd["model.norm.weight"], layers, lm_head=head,
-                      tokenizer=tok, meta={"source": str(path), "name": folder.name})
+    return LlamaModel(
+        cfg,
+        sd["model.embed_tokens.weight"],
+        sd["model.norm.weight"],
+        layers,
+        lm_head=head,
+        tokenizer=tok,
+        meta={"source": str(path), "name": folder.name},
+    )
 
 
 def save_safetensors(model: LlamaModel, folder: str | Path) -> Path:
@@ -245,9 +285,17 @@ def save_safetensors(model: LlamaModel, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
-    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
-             "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    names = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "mlp_norm": "post_attention_layernorm",
+    }
     sd = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm}
     for i, lw in enumerate(model.layers):
         for k, n in names.items():
@@ -255,12 +303,25 @@ def save_safetensors(model: LlamaModel, folder: str | Path) -> Path:
     if model.lm_head is not None:
         sd["lm_head.weight"] = model.lm_head
     save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": c.vocab_size, "hidden_size": c.hidden,
-        "intermediate_size": c.intermediate, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
-        "num_key_value_heads": c.kv_heads, "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps,
-        "tie_word_embeddings": model.lm_head is None, "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id,
-    }, indent=1))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden,
+                "intermediate_size": c.intermediate,
+                "num_hidden_layers": c.layers,
+                "num_attention_heads": c.heads,
+                "num_key_value_heads": c.kv_heads,
+                "rope_theta": c.rope_theta,
+                "rms_norm_eps": c.rms_eps,
+                "tie_word_embeddings": model.lm_head is None,
+                "bos_token_id": c.bos_token_id,
+                "eos_token_id": c.eos_token_id,
+            },
+            indent=1,
+        )
+    )
     return folder
 
 
@@ -289,8 +350,18 @@ def random_llama(cfg: LlamaConfig, seed: int = 0, outlier_channels: int = 2) -> 
         idx = rng.choice(h, outlier_channels, replace=False)
         an[idx] *= 8
         mn[idx] *= 8
-        layers.append({"attn_norm": an, "mlp_norm": mn, "q": lin(h, h), "k": lin(cfg.kv_heads * cfg.head_dim, h),
-                       "v": lin(cfg.kv_heads * cfg.head_dim, h), "o": lin(h, h) * 0.5, "gate": lin(f, h),
-                       "up": lin(f, h), "down": lin(h, f) * 0.5})
+        layers.append(
+            {
+                "attn_norm": an,
+                "mlp_norm": mn,
+                "q": lin(h, h),
+                "k": lin(cfg.kv_heads * cfg.head_dim, h),
+                "v": lin(cfg.kv_heads * cfg.head_dim, h),
+                "o": lin(h, h) * 0.5,
+                "gate": lin(f, h),
+                "up": lin(f, h),
+                "down": lin(h, f) * 0.5,
+            }
+        )
     embed = rng.standard_normal((cfg.vocab_size, h)).astype(np.float32)
     return LlamaModel(cfg, embed, np.ones(h, np.float32), layers, meta={"name": "random-llama", "seed": seed})

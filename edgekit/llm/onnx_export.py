@@ -59,14 +59,16 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: s
         if w.grouped and group_int4 == "blocked":
             g = w.group_size
             q = helper.make_tensor(uid("w4"), TensorProto.UINT4, list(w.q4.T.shape), w.q4.T.reshape(-1).tolist())
-            z = helper.make_tensor(uid("z4"), TensorProto.UINT4, list(w.g_zero.T.shape),
-                                   w.g_zero.T.reshape(-1).tolist())
+            z = helper.make_tensor(
+                uid("z4"), TensorProto.UINT4, list(w.g_zero.T.shape), w.g_zero.T.reshape(-1).tolist()
+            )
             inits.extend([q, z])
             sc = (w.w_scale.astype(np.float64)[None, :] * w.g_scale.T.astype(np.float64)).astype(np.float32)
             return node("DequantizeLinear", [q.name, const(np.ascontiguousarray(sc)), z.name], axis=0, block_size=g)
         if w.bits == 4:
-            wi = helper.make_tensor(uid("w4"), TensorProto.INT4, list(w.weight.T.shape),
-                                    w.weight.T.astype(np.int8).reshape(-1).tolist())
+            wi = helper.make_tensor(
+                uid("w4"), TensorProto.INT4, list(w.weight.T.shape), w.weight.T.astype(np.int8).reshape(-1).tolist()
+            )
             inits.append(wi)
             wn = wi.name
             z = helper.make_tensor(uid("z4"), TensorProto.INT4, [w.weight.shape[0]], [0] * w.weight.shape[0])
@@ -80,9 +82,15 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: s
     def linear(x: str, xq: ActQ, w: QLinear) -> str:
         y = node("MatMul", [x, wdq(w)])
         if np.any(w.bias):
-            b = node("DequantizeLinear", [const(w.bias.astype(np.int32)),
-                                          const((xq.scale * w.w_scale).astype(np.float32)),
-                                          const(np.zeros(len(w.bias), np.int32))], axis=0)
+            b = node(
+                "DequantizeLinear",
+                [
+                    const(w.bias.astype(np.int32)),
+                    const((xq.scale * w.w_scale).astype(np.float32)),
+                    const(np.zeros(len(w.bias), np.int32)),
+                ],
+                axis=0,
+            )
             y = node("Add", [y, b])
         return y
 
@@ -100,11 +108,21 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: s
     cos_t = node("Slice", [const(cos), zero, t_len])
     sin_t = node("Slice", [const(sin), zero, t_len])
     mask_full = np.triu(np.full((max_len, max_len), -1e9, np.float32), 1)
-    mask = node("Slice", [node("Slice", [const(mask_full), zero, t_len, zero]), zero, t_len,
-                          const(np.array([1], np.int64))])
+    mask = node(
+        "Slice", [node("Slice", [const(mask_full), zero, t_len, zero]), zero, t_len, const(np.array([1], np.int64))]
+    )
     e = qm.embed
-    emb = node("Gather", [node("DequantizeLinear", [const(e.weight.astype(np.int8)), const(e.w_scale), const(
-        np.zeros(len(e.w_scale), np.int8))], axis=0), ids])  # [1, T, H]
+    emb = node(
+        "Gather",
+        [
+            node(
+                "DequantizeLinear",
+                [const(e.weight.astype(np.int8)), const(e.w_scale), const(np.zeros(len(e.w_scale), np.int8))],
+                axis=0,
+            ),
+            ids,
+        ],
+    )  # [1, T, H]
     x = qdq(emb, qm.gacts["embed"])
     kv_rep = const(np.arange(nh) // (nh // nkv), "kv_rep")
 
@@ -113,10 +131,14 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: s
 
     def rope(z: str) -> str:
         half = hd // 2
-        a = node("Slice", [z, const(np.array([0], np.int64)), const(np.array([half], np.int64)),
-                           const(np.array([3], np.int64))])
-        b = node("Slice", [z, const(np.array([half], np.int64)), const(np.array([hd], np.int64)),
-                           const(np.array([3], np.int64))])
+        a = node(
+            "Slice",
+            [z, const(np.array([0], np.int64)), const(np.array([half], np.int64)), const(np.array([3], np.int64))],
+        )
+        b = node(
+            "Slice",
+            [z, const(np.array([half], np.int64)), const(np.array([hd], np.int64)), const(np.array([3], np.int64))],
+        )
         rot = node("Concat", [node("Neg", [b]), a], axis=3)
         return node("Add", [node("Mul", [z, cos_t]), node("Mul", [rot, sin_t])])
 
@@ -127,11 +149,21 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: s
         v = split_heads(qdq(linear(h, a["attn_in"], lw["v"]), a["v"]), nkv)
         k = node("Gather", [k, kv_rep], axis=1)
         v = node("Gather", [v, kv_rep], axis=1)
-        s = node("Mul", [node("MatMul", [q, node("Transpose", [k], perm=[0, 1, 3, 2])]),
-                         const(np.array(1.0 / np.sqrt(hd), np.float32))])
+        s = node(
+            "Mul",
+            [
+                node("MatMul", [q, node("Transpose", [k], perm=[0, 1, 3, 2])]),
+                const(np.array(1.0 / np.sqrt(hd), np.float32)),
+            ],
+        )
         p = qdq(node("Softmax", [node("Add", [s, mask])], axis=-1), a["probs"])
-        att = node("Reshape", [node("Transpose", [node("MatMul", [p, v])], perm=[0, 2, 1, 3]),
-                               const(np.array([1, -1, c.hidden], np.int64))])
+        att = node(
+            "Reshape",
+            [
+                node("Transpose", [node("MatMul", [p, v])], perm=[0, 2, 1, 3]),
+                const(np.array([1, -1, c.hidden], np.int64)),
+            ],
+        )
         att = qdq(att, a["attn_out"])
         o = qdq(linear(att, a["attn_out"], lw["o"]), a["o_out"])
         x = qdq(node("Add", [x, o]), a["res_mid"])
@@ -145,9 +177,13 @@ def export_onnx(qm: QuantLM, path: str | Path, max_len: int = 512, group_int4: s
     f = qdq(rms(x, qm.norm, qm.norm_bias), qm.gacts["final_in"])
     logits = linear(f, qm.gacts["final_in"], qm.head)
     nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
-    graph = helper.make_graph(nodes, "edgekit_lm", [helper.make_tensor_value_info(ids, TensorProto.INT64, [1, "T"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "T", c.vocab_size])],
-                              inits)
+    graph = helper.make_graph(
+        nodes,
+        "edgekit_lm",
+        [helper.make_tensor_value_info(ids, TensorProto.INT64, [1, "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "T", c.vocab_size])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], producer_name="edgekit.llm")
     model.ir_version = 10
     path = Path(path)

@@ -43,8 +43,23 @@ FORMAT_NAME = "edgekit.lm"
 FORMAT_VERSION = 2  # written only when a linear is group-wise int4; plain files stay version 1
 READ_VERSIONS = (1, 2)
 
-LAYER_ACTS = ("attn_in", "q", "k", "v", "probs", "attn_out", "o_out", "res_mid", "mlp_in", "gate", "up", "silu",
-              "h", "down_out", "res_out")
+LAYER_ACTS = (
+    "attn_in",
+    "q",
+    "k",
+    "v",
+    "probs",
+    "attn_out",
+    "o_out",
+    "res_mid",
+    "mlp_in",
+    "gate",
+    "up",
+    "silu",
+    "h",
+    "down_out",
+    "res_out",
+)
 GLOBAL_ACTS = ("embed", "final_in")
 # kept at 16 bits by default: the residual stream, the outputs added to it, softmax, the lm_head input
 # "h" (SiLU(gate) * up, the down projection's input) is the outlier-heavy activation of SmolLM2: at 8 bits
@@ -110,11 +125,20 @@ class QLinear:
     g_zero: np.ndarray | None = None
 
     @staticmethod
-    def from_groups(q4: np.ndarray, g_scale: np.ndarray, g_zero: np.ndarray, group_size: int, w_scale: np.ndarray,
-                    bias: np.ndarray) -> QLinear:
+    def from_groups(
+        q4: np.ndarray, g_scale: np.ndarray, g_zero: np.ndarray, group_size: int, w_scale: np.ndarray, bias: np.ndarray
+    ) -> QLinear:
         q4, g_scale, g_zero = (np.asarray(a, np.uint8) for a in (q4, g_scale, g_zero))
-        return QLinear(expand_int4_groups(q4, g_scale, g_zero, group_size), np.asarray(w_scale, np.float32),
-                       np.asarray(bias, np.int32), 8, int(group_size), q4, g_scale, g_zero)
+        return QLinear(
+            expand_int4_groups(q4, g_scale, g_zero, group_size),
+            np.asarray(w_scale, np.float32),
+            np.asarray(bias, np.int32),
+            8,
+            int(group_size),
+            q4,
+            g_scale,
+            g_zero,
+        )
 
     @property
     def grouped(self) -> bool:
@@ -136,8 +160,7 @@ def expand_int4_groups(q4: np.ndarray, g_scale: np.ndarray, g_zero: np.ndarray, 
     """int8 weights from group-wise uint4 codes: ``(q4 - z) * s`` per group, one integer multiply per weight."""
     q4 = np.asarray(q4)
     if q4.shape[1] != g_scale.shape[1] * group_size or g_scale.shape != g_zero.shape:
-        raise ModelFormatError(f"group-wise int4: codes {q4.shape} do not match {g_scale.shape} groups of "
-                               f"{group_size}")
+        raise ModelFormatError(f"group-wise int4: codes {q4.shape} do not match {g_scale.shape} groups of {group_size}")
     s = np.repeat(np.asarray(g_scale, np.int16), group_size, axis=1)
     z = np.repeat(np.asarray(g_zero, np.int16), group_size, axis=1)
     w = (q4.astype(np.int16) - z) * s
@@ -173,8 +196,12 @@ class QuantLM:
         arrays: list[tuple[dict[str, Any], np.ndarray]] = []
 
         def add(name: str, a: np.ndarray, bits: int = 0, offset: int = 0) -> str:
-            entry = {"name": name, "file": f"arrays/{len(arrays):05d}.npy", "dtype": str(a.dtype),
-                     "shape": list(a.shape)}
+            entry = {
+                "name": name,
+                "file": f"arrays/{len(arrays):05d}.npy",
+                "dtype": str(a.dtype),
+                "shape": list(a.shape),
+            }
             if bits == 4:
                 entry["packed_int4"] = True
                 if offset:  # unsigned 4-bit values stored as value - offset in [-8, 7]
@@ -185,11 +212,20 @@ class QuantLM:
             return name
 
         def lin(prefix: str, q: QLinear) -> dict[str, Any]:
-            d: dict[str, Any] = {"w_scale": add(prefix + ".w_scale", q.w_scale), "bias": add(prefix + ".bias", q.bias),
-                                 "bits": q.bits}
+            d: dict[str, Any] = {
+                "w_scale": add(prefix + ".w_scale", q.w_scale),
+                "bias": add(prefix + ".bias", q.bias),
+                "bits": q.bits,
+            }
             if q.grouped:
-                d.update({"q4": add(prefix + ".q4", q.q4, 4, 8), "g_scale": add(prefix + ".g_scale", q.g_scale, 4, 9),
-                          "g_zero": add(prefix + ".g_zero", q.g_zero, 4, 8), "group_size": q.group_size})
+                d.update(
+                    {
+                        "q4": add(prefix + ".q4", q.q4, 4, 8),
+                        "g_scale": add(prefix + ".g_scale", q.g_scale, 4, 9),
+                        "g_zero": add(prefix + ".g_zero", q.g_zero, 4, 8),
+                        "group_size": q.group_size,
+                    }
+                )
             else:
                 d["weight"] = add(prefix + ".weight", q.weight, q.bits)
             return d
@@ -241,8 +277,15 @@ def accumulator_bits(qm: QuantLM) -> dict[str, int]:
         bound = xmax * np.abs(lin.weight.astype(np.int64)).sum(1) + np.abs(lin.bias.astype(np.int64))
         return int(bound.max()).bit_length() + 1
 
-    inputs = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "gate": "mlp_in", "up": "mlp_in",
-              "down": "h"}
+    inputs = {
+        "q": "attn_in",
+        "k": "attn_in",
+        "v": "attn_in",
+        "o": "attn_out",
+        "gate": "mlp_in",
+        "up": "mlp_in",
+        "down": "h",
+    }
     for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
         for k, src in inputs.items():
             out[f"{i}.{k}"] = bits(lw[k], a[src])
@@ -261,8 +304,10 @@ def load_lm(path: str | Path) -> QuantLM:
             if m.get("format") != FORMAT_NAME:
                 raise ModelFormatError(f"{path}: not an edgekit language model (format {m.get('format')!r})")
             if m.get("version") not in READ_VERSIONS:
-                raise ModelFormatError(f"{path}: edgekit.lm version {m.get('version')} is not supported "
-                                       f"(this edgekit reads {READ_VERSIONS}); re-export the model")
+                raise ModelFormatError(
+                    f"{path}: edgekit.lm version {m.get('version')} is not supported "
+                    f"(this edgekit reads {READ_VERSIONS}); re-export the model"
+                )
             arr: dict[str, np.ndarray] = {}
             for e in m["arrays"]:
                 a = np.load(io.BytesIO(z.read(e["file"])), allow_pickle=False)
@@ -276,8 +321,14 @@ def load_lm(path: str | Path) -> QuantLM:
 
     def lin(d: dict[str, Any]) -> QLinear:
         if d.get("group_size"):
-            return QLinear.from_groups(arr[d["q4"]], arr[d["g_scale"]], arr[d["g_zero"]], int(d["group_size"]),
-                                       arr[d["w_scale"]], arr[d["bias"]])
+            return QLinear.from_groups(
+                arr[d["q4"]],
+                arr[d["g_scale"]],
+                arr[d["g_zero"]],
+                int(d["group_size"]),
+                arr[d["w_scale"]],
+                arr[d["bias"]],
+            )
         return QLinear(arr[d["weight"]], arr[d["w_scale"]], arr[d["bias"]], int(d["bits"]))
 
     def act(d: dict[str, Any]) -> ActQ:
@@ -290,19 +341,28 @@ def load_lm(path: str | Path) -> QuantLM:
 
         tok = Tokenizer.from_str(m["tokenizer"])
     return QuantLM(
-        config=LlamaConfig.from_json(m["config"]), embed=lin(m["embed"]),
-        lm_head=None if m["lm_head"] is None else lin(m["lm_head"]), norm=arr[m["norm"]], norm_bias=arr[m["norm_bias"]],
-        layers=layers, acts=[{k: act(v) for k, v in la.items()} for la in m["acts"]],
-        gacts={k: act(v) for k, v in m["global_acts"].items()}, meta=m.get("meta", {}), tokenizer=tok,
+        config=LlamaConfig.from_json(m["config"]),
+        embed=lin(m["embed"]),
+        lm_head=None if m["lm_head"] is None else lin(m["lm_head"]),
+        norm=arr[m["norm"]],
+        norm_bias=arr[m["norm_bias"]],
+        layers=layers,
+        acts=[{k: act(v) for k, v in la.items()} for la in m["acts"]],
+        gacts={k: act(v) for k, v in m["global_acts"].items()},
+        meta=m.get("meta", {}),
+        tokenizer=tok,
     )
 
 
 # ---- integer reference executor ------------------------------------------------------------------------
 
+
 def _mult(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ms = [quantize_multiplier(float(r)) for r in np.ravel(real)]
-    return (np.array([m for m, _ in ms], np.int64).reshape(np.shape(real)),
-            np.array([s for _, s in ms], np.int64).reshape(np.shape(real)))
+    return (
+        np.array([m for m, _ in ms], np.int64).reshape(np.shape(real)),
+        np.array([s for _, s in ms], np.int64).reshape(np.shape(real)),
+    )
 
 
 def int_linear(x: np.ndarray, xq: ActQ, lin: QLinear) -> np.ndarray:
@@ -406,8 +466,9 @@ def int_rmsnorm(x: np.ndarray, xq: ActQ, w: np.ndarray, b: np.ndarray, out: ActQ
     ms = ((xc * xc).sum(-1) + n // 2) // n + int(round(eps / xq.scale**2))
     ms = np.maximum(ms, 1)
     e = (bit_length(ms) + 1) // 2  # ms ~ 2**(2e)
-    mant = np.where(2 * e >= 30, np.right_shift(ms, np.maximum(2 * e - 30, 0)),
-                    np.left_shift(ms, np.maximum(30 - 2 * e, 0)))  # [2**28, 2**30)
+    mant = np.where(
+        2 * e >= 30, np.right_shift(ms, np.maximum(2 * e - 30, 0)), np.left_shift(ms, np.maximum(30 - 2 * e, 0))
+    )  # [2**28, 2**30)
     r = isqrt64((np.int64(1) << 62) // mant)  # 2**31 / sqrt(mant), 17 bits; 1/sqrt(ms) = r * 2**(-16 - e)
     n16 = rounding_rshift(xc * r[..., None], e[..., None])  # x / rms * 2**16, |.| <= sqrt(n) * 2**16
     m, sh, sg = _signed_mult(np.asarray(w, np.float64) / (out.scale * 2 ** (16 - MID_FRAC)))
@@ -418,12 +479,15 @@ def int_rmsnorm(x: np.ndarray, xq: ActQ, w: np.ndarray, b: np.ndarray, out: ActQ
 def rope_int_tables(head_dim: int, positions: np.ndarray, theta: float) -> tuple[np.ndarray, np.ndarray]:
     """Q14 cos/sin [T, head_dim]."""
     cos, sin = rope_tables(head_dim, positions, theta)
-    return (np.round(cos.astype(np.float64) * 2**ROPE_FRAC).astype(np.int64),
-            np.round(sin.astype(np.float64) * 2**ROPE_FRAC).astype(np.int64))
+    return (
+        np.round(cos.astype(np.float64) * 2**ROPE_FRAC).astype(np.int64),
+        np.round(sin.astype(np.float64) * 2**ROPE_FRAC).astype(np.int64),
+    )
 
 
-def int_rope(acc: np.ndarray, real: np.ndarray, out: ActQ, heads: int, head_dim: int, cos_q: np.ndarray,
-             sin_q: np.ndarray) -> np.ndarray:
+def int_rope(
+    acc: np.ndarray, real: np.ndarray, out: ActQ, heads: int, head_dim: int, cos_q: np.ndarray, sin_q: np.ndarray
+) -> np.ndarray:
     """q or k accumulators [T, heads * head_dim] (real value acc * real per channel) -> RoPE -> out's grid,
     [heads, T, head_dim]."""
     t = acc.shape[0]
@@ -453,8 +517,15 @@ def int_softmax(sc: np.ndarray, real: float, mask: np.ndarray, out: ActQ) -> np.
     return np.clip(requantize(p30, mo, so) + out.zero_point, out.qmin, out.qmax).astype(np.int32)
 
 
-def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, logits: bool = True,
-                trace: dict[str, np.ndarray] | None = None, integer_ops: bool = False) -> np.ndarray:
+def int_forward(
+    qm: QuantLM,
+    ids: np.ndarray,
+    cache: KVCache | None = None,
+    *,
+    logits: bool = True,
+    trace: dict[str, np.ndarray] | None = None,
+    integer_ops: bool = False,
+) -> np.ndarray:
     """Run token ids (one sequence) through the integer model; with ``cache`` the ids continue it.
     Returns float logits [T, V] (dequantized from int32 accumulators) or the integer final_in.
     ``integer_ops``: RMSNorm, RoPE and softmax in integers too (``int_rmsnorm``, ``int_rope``,
@@ -489,17 +560,26 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
         qacc = int_linear(h, a["attn_in"], lw["q"])
         kacc = int_linear(h, a["attn_in"], lw["k"])
         if integer_ops:
-            q = int_rope(qacc, a["attn_in"].scale * lw["q"].w_scale.astype(np.float64), a["q"], c.heads, c.head_dim,
-                         cos_q, sin_q)
-            k = int_rope(kacc, a["attn_in"].scale * lw["k"].w_scale.astype(np.float64), a["k"], c.kv_heads,
-                         c.head_dim, cos_q, sin_q)
+            q = int_rope(
+                qacc, a["attn_in"].scale * lw["q"].w_scale.astype(np.float64), a["q"], c.heads, c.head_dim, cos_q, sin_q
+            )
+            k = int_rope(
+                kacc,
+                a["attn_in"].scale * lw["k"].w_scale.astype(np.float64),
+                a["k"],
+                c.kv_heads,
+                c.head_dim,
+                cos_q,
+                sin_q,
+            )
         else:
             q = (qacc * (a["attn_in"].scale * lw["q"].w_scale)).astype(np.float32)
             k = (kacc * (a["attn_in"].scale * lw["k"].w_scale)).astype(np.float32)
             q = a["q"].quantize(apply_rope(q.reshape(t, c.heads, c.head_dim).transpose(1, 0, 2), cos, sin))
             k = a["k"].quantize(apply_rope(k.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2), cos, sin))
-        v = rescale_to(int_linear(h, a["attn_in"], lw["v"]), a["attn_in"].scale * lw["v"].w_scale / a["v"].scale,
-                       a["v"])
+        v = rescale_to(
+            int_linear(h, a["attn_in"], lw["v"]), a["attn_in"].scale * lw["v"].w_scale / a["v"].scale, a["v"]
+        )
         v = v.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2)
         if cache is not None:
             if cache.k[i] is not None:
@@ -520,26 +600,46 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
         pv = exact_int_matmul(p.astype(np.int64) - a["probs"].zero_point, vv)  # [heads, t, d]
         pv = pv.transpose(1, 0, 2).reshape(t, c.hidden)
         att = rescale_to(pv, a["probs"].scale * a["v"].scale / a["attn_out"].scale, a["attn_out"])
-        o = rescale_to(int_linear(att, a["attn_out"], lw["o"]),
-                       a["attn_out"].scale * lw["o"].w_scale / a["o_out"].scale, a["o_out"])
+        o = rescale_to(
+            int_linear(att, a["attn_out"], lw["o"]),
+            a["attn_out"].scale * lw["o"].w_scale / a["o_out"].scale,
+            a["o_out"],
+        )
         x = xm = int_add(x, xq, o, a["o_out"], a["res_mid"])
         xq = a["res_mid"]
         h = norm(x, xq, lw["mlp_norm"], lw["mlp_norm_bias"], a["mlp_in"])
-        gt = rescale_to(int_linear(h, a["mlp_in"], lw["gate"]),
-                        a["mlp_in"].scale * lw["gate"].w_scale / a["gate"].scale, a["gate"])
-        up = rescale_to(int_linear(h, a["mlp_in"], lw["up"]),
-                        a["mlp_in"].scale * lw["up"].w_scale / a["up"].scale, a["up"])
+        gt = rescale_to(
+            int_linear(h, a["mlp_in"], lw["gate"]), a["mlp_in"].scale * lw["gate"].w_scale / a["gate"].scale, a["gate"]
+        )
+        up = rescale_to(
+            int_linear(h, a["mlp_in"], lw["up"]), a["mlp_in"].scale * lw["up"].w_scale / a["up"].scale, a["up"]
+        )
         sl = silu_table(a["gate"], a["silu"])[gt - a["gate"].qmin]
         prod = (sl.astype(np.int64) - a["silu"].zero_point) * (up.astype(np.int64) - a["up"].zero_point)
         hh = rescale_to(prod, a["silu"].scale * a["up"].scale / a["h"].scale, a["h"])
-        d = rescale_to(int_linear(hh, a["h"], lw["down"]),
-                       a["h"].scale * lw["down"].w_scale / a["down_out"].scale, a["down_out"])
+        d = rescale_to(
+            int_linear(hh, a["h"], lw["down"]), a["h"].scale * lw["down"].w_scale / a["down_out"].scale, a["down_out"]
+        )
         x = int_add(x, xq, d, a["down_out"], a["res_out"])
         xq = a["res_out"]
         if trace is not None:
-            for n, val in (("attn_in", h0), ("q", q), ("k", k), ("v", v), ("probs", p), ("attn_out", att),
-                           ("o_out", o), ("res_mid", xm), ("mlp_in", h), ("gate", gt), ("up", up), ("silu", sl),
-                           ("h", hh), ("down_out", d), ("res_out", x)):
+            for n, val in (
+                ("attn_in", h0),
+                ("q", q),
+                ("k", k),
+                ("v", v),
+                ("probs", p),
+                ("attn_out", att),
+                ("o_out", o),
+                ("res_mid", xm),
+                ("mlp_in", h),
+                ("gate", gt),
+                ("up", up),
+                ("silu", sl),
+                ("h", hh),
+                ("down_out", d),
+                ("res_out", x),
+            ):
                 tr(f"{i}.{n}", val, a[n])
     f = norm(x, xq, qm.norm, qm.norm_bias, g["final_in"])
     tr("final_in", f, g["final_in"])
@@ -549,8 +649,13 @@ def int_forward(qm: QuantLM, ids: np.ndarray, cache: KVCache | None = None, *, l
     return (acc * (g["final_in"].scale * qm.head.w_scale)).astype(np.float32)
 
 
-def generate(model: QuantLM, prompt_ids: list[int] | np.ndarray, max_new_tokens: int,
-             eos_token_id: int | None = None, integer_ops: bool = False) -> list[int]:
+def generate(
+    model: QuantLM,
+    prompt_ids: list[int] | np.ndarray,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+    integer_ops: bool = False,
+) -> list[int]:
     """Greedy generation with an integer KV cache: the prompt in one pass, then one token per step."""
     cache = KVCache(model.config.layers)
     out: list[int] = []

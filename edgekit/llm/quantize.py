@@ -46,15 +46,30 @@ def calib_batches(ids: np.ndarray, seq_len: int, n_seqs: int) -> np.ndarray:
     return np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
-def observe(model: LlamaModel, qp: QParams | None, scheme: Scheme, batches: np.ndarray, *, quant_weights: bool,
-            ops: Any = None, hessians: bool = False) -> Observer:
+def observe(
+    model: LlamaModel,
+    qp: QParams | None,
+    scheme: Scheme,
+    batches: np.ndarray,
+    *,
+    quant_weights: bool,
+    ops: Any = None,
+    hessians: bool = False,
+) -> Observer:
     """Run the calibration windows through the model (activations unquantized) and record ranges; with
     ``hessians`` (``qp`` must carry ranges) the model is fully fake-quantized and every linear's quantized input
     is recorded as sum(x^T x) for GPTQ."""
     obs = Observer(hessians=hessians)
     for row in batches:
-        sim_forward(model, qp if hessians else (QParams(qp.layers) if qp else None), scheme, row[None], ops=ops,
-                    quant=quant_weights, observer=obs)
+        sim_forward(
+            model,
+            qp if hessians else (QParams(qp.layers) if qp else None),
+            scheme,
+            row[None],
+            ops=ops,
+            quant=quant_weights,
+            observer=obs,
+        )
     return obs
 
 
@@ -94,8 +109,16 @@ def smoothquant_qparams(model: LlamaModel, obs: Observer, alpha: float = 0.5) ->
     return qp
 
 
-def calibrate(model: LlamaModel, method: str, scheme: Scheme, batches: np.ndarray, *, alpha: float = 0.5,
-              ops: Any = None, log: Any = None) -> QParams:
+def calibrate(
+    model: LlamaModel,
+    method: str,
+    scheme: Scheme,
+    batches: np.ndarray,
+    *,
+    alpha: float = 0.5,
+    ops: Any = None,
+    log: Any = None,
+) -> QParams:
     """QParams for ``rtn`` or ``smoothquant`` (and the start of ``mobilequant``)."""
     t0 = time.time()
     if method == "rtn":
@@ -113,6 +136,7 @@ def calibrate(model: LlamaModel, method: str, scheme: Scheme, batches: np.ndarra
 
 # ---- integer model --------------------------------------------------------------------------------------
 
+
 def group_int4(w: np.ndarray, clip: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Progressive group-wise int4 of ``w`` [out, in] (``sim.group_grid``, the same grid the simulation uses):
     per-channel scale s1 (float32), uint4 codes, per-group integer scales and zero points."""
@@ -126,8 +150,9 @@ def group_int4(w: np.ndarray, clip: np.ndarray, group: int) -> tuple[np.ndarray,
     return s1.astype(np.float32), q.reshape(o, n).astype(np.uint8), sg.astype(np.uint8), z.astype(np.uint8)
 
 
-def gptq_group_int4(w: np.ndarray, hessian: np.ndarray, clip: np.ndarray, group: int, *, damp: float = 0.01,
-                    block: int = 128) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def gptq_group_int4(
+    w: np.ndarray, hessian: np.ndarray, clip: np.ndarray, group: int, *, damp: float = 0.01, block: int = 128
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al. 2023) onto the progressive group-wise int4 grid: the grid (s1, sg, z) is fixed from
     the weights first ("static groups"), then columns are rounded in order, each rounding error spread over the
     columns not yet rounded through the inverse Hessian of the layer input (``hessian`` = sum x^T x of the
@@ -156,21 +181,30 @@ def gptq_group_int4(w: np.ndarray, hessian: np.ndarray, clip: np.ndarray, group:
             q = np.clip(np.round(Wb[:, j] / s1 / sg[:, g]) + z[:, g], qlo[:, g], qhi[:, g])
             Q[:, c] = q
             err = (Wb[:, j] - (q - z[:, g]) * sg[:, g] * s1) / U[c, c]
-            Wb[:, j + 1:] -= np.outer(err, U[c, c + 1: i2])
+            Wb[:, j + 1 :] -= np.outer(err, U[c, c + 1 : i2])
             Eb[:, j] = err
         W[:, i2:] -= Eb @ U[i1:i2, i2:]
     return s1.astype(np.float32), Q.astype(np.uint8), sg.astype(np.uint8), z.astype(np.uint8)
 
 
-def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, in_scale: float,
-                    group_size: int = 0, hessian: np.ndarray | None = None) -> QLinear:
+def quantize_linear(
+    w: np.ndarray,
+    b: np.ndarray,
+    clip: np.ndarray,
+    bits: int,
+    in_scale: float,
+    group_size: int = 0,
+    hessian: np.ndarray | None = None,
+) -> QLinear:
     """Symmetric per-channel integer weights (or progressive group-wise int4 when ``group_size`` and bits 4)
     and an int32 bias at scale in_scale * w_scale."""
     w = np.asarray(w, np.float64)
     if group_size and bits == 4:
         if w.shape[1] % group_size:
-            raise QuantizationError(f"group size {group_size} does not divide a linear's input width {w.shape[1]}: "
-                                    "choose a divisor (32 or 64 for most models)")
+            raise QuantizationError(
+                f"group size {group_size} does not divide a linear's input width {w.shape[1]}: "
+                "choose a divisor (32 or 64 for most models)"
+            )
         if hessian is not None:
             ws, q4, sg, z = gptq_group_int4(w, hessian, clip, group_size)
         else:
@@ -188,38 +222,72 @@ def quantize_linear(w: np.ndarray, b: np.ndarray, clip: np.ndarray, bits: int, i
     return QLinear(wi, ws.astype(np.float32), bi.astype(np.int32), bits)
 
 
-def build_quantlm(model: LlamaModel, qp: QParams, scheme: Scheme, meta: dict[str, Any] | None = None,
-                  hessians: dict[str, np.ndarray] | None = None) -> QuantLM:
+def build_quantlm(
+    model: LlamaModel,
+    qp: QParams,
+    scheme: Scheme,
+    meta: dict[str, Any] | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
+) -> QuantLM:
     """Fold the transformation, quantize the weights, fix every activation's static scale. ``hessians``
     (``observe(..., hessians=True).hessians``): round group-wise int4 weights with GPTQ instead of to nearest."""
     c = model.config
     ops = NpOps()
-    acts = [{n: ActQ.from_range(*map(float, qp.ranges[i][n]), scheme.bits(n)) for n in LAYER_ACTS}
-            for i in range(c.layers)]
+    acts = [
+        {n: ActQ.from_range(*map(float, qp.ranges[i][n]), scheme.bits(n)) for n in LAYER_ACTS} for i in range(c.layers)
+    ]
     gacts = {n: ActQ.from_range(*map(float, qp.granges[n]), scheme.bits(n)) for n in GLOBAL_ACTS}
-    inputs = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "o": "attn_out", "gate": "mlp_in", "up": "mlp_in",
-              "down": "h"}
+    inputs = {
+        "q": "attn_in",
+        "k": "attn_in",
+        "v": "attn_in",
+        "o": "attn_out",
+        "gate": "mlp_in",
+        "up": "mlp_in",
+        "down": "h",
+    }
     layers = []
     for i, lw in enumerate(model.layers):
         p = {k: np.asarray(ops.np(v), np.float32) for k, v in qp.layers[i].items()}
         f = fold_layer(ops, {k: np.asarray(v, np.float64) for k, v in lw.items()}, p, c)
-        d: dict[str, Any] = {k: np.asarray(f[k], np.float32) for k in
-                             ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias")}
+        d: dict[str, Any] = {
+            k: np.asarray(f[k], np.float32) for k in ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias")
+        }
         for k in LINS:
             hs = None if hessians is None else hessians.get(f"{i}.{inputs[k]}")
-            d[k] = quantize_linear(f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale,
-                                   scheme.group_size, hs)
+            d[k] = quantize_linear(
+                f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale, scheme.group_size, hs
+            )
         layers.append(d)
     ones = np.ones(model.embed.shape[0], np.float32)
-    embed = quantize_linear(model.embed, np.zeros(model.embed.shape[0]), ones, scheme.embed_bits,
-                            gacts["final_in"].scale)
+    embed = quantize_linear(
+        model.embed, np.zeros(model.embed.shape[0]), ones, scheme.embed_bits, gacts["final_in"].scale
+    )
     head = None
     if model.lm_head is not None:
-        head = quantize_linear(model.lm_head, np.zeros(model.lm_head.shape[0]), ones, scheme.embed_bits,
-                               gacts["final_in"].scale)
+        head = quantize_linear(
+            model.lm_head, np.zeros(model.lm_head.shape[0]), ones, scheme.embed_bits, gacts["final_in"].scale
+        )
     meta = dict(meta or {})
-    meta.update({"weight_bits": scheme.weight_bits, "act_bits": scheme.act_bits, "act16": list(scheme.act16),
-                 "embed_bits": scheme.embed_bits, "group_size": scheme.group_size if scheme.weight_bits == 4 else 0,
-                 "gptq": hessians is not None})
-    return QuantLM(c, embed, head, np.asarray(model.norm, np.float32), np.zeros(c.hidden, np.float32), layers,
-                   acts, gacts, meta=meta, tokenizer=model.tokenizer)
+    meta.update(
+        {
+            "weight_bits": scheme.weight_bits,
+            "act_bits": scheme.act_bits,
+            "act16": list(scheme.act16),
+            "embed_bits": scheme.embed_bits,
+            "group_size": scheme.group_size if scheme.weight_bits == 4 else 0,
+            "gptq": hessians is not None,
+        }
+    )
+    return QuantLM(
+        c,
+        embed,
+        head,
+        np.asarray(model.norm, np.float32),
+        np.zeros(c.hidden, np.float32),
+        layers,
+        acts,
+        gacts,
+        meta=meta,
+        tokenizer=model.tokenizer,
+    )

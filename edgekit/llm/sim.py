@@ -72,6 +72,7 @@ def identity_qparams(model: LlamaModel) -> QParams:
 
 # ---- backends -------------------------------------------------------------------------------------------
 
+
 class NpOps:
     """numpy backend."""
 
@@ -174,12 +175,19 @@ def torch_model(model: LlamaModel) -> LlamaModel:
     def T(a: Any) -> Any:
         return a if isinstance(a, torch.Tensor) else torch.as_tensor(np.array(a, np.float32))
 
-    return LlamaModel(model.config, T(model.embed), T(model.norm), [{k: T(v) for k, v in lw.items()}
-                      for lw in model.layers], None if model.lm_head is None else T(model.lm_head),
-                      model.tokenizer, model.meta)
+    return LlamaModel(
+        model.config,
+        T(model.embed),
+        T(model.norm),
+        [{k: T(v) for k, v in lw.items()} for lw in model.layers],
+        None if model.lm_head is None else T(model.lm_head),
+        model.tokenizer,
+        model.meta,
+    )
 
 
 # ---- folding --------------------------------------------------------------------------------------------
+
 
 def kv_index(cfg: Any) -> np.ndarray:
     """For each channel of the attention output (o's input), its kv channel."""
@@ -307,9 +315,18 @@ class Observer:
         self.chmax[key] = np.maximum(self.chmax.get(key, m), m)
 
 
-def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any, *, ops: Any = None,
-                quant: bool = True, observer: Observer | None = None, logits: bool = False,
-                weights: dict[str, Any] | None = None) -> Any:
+def sim_forward(
+    model: LlamaModel,
+    qp: QParams | None,
+    scheme: Scheme,
+    ids: Any,
+    *,
+    ops: Any = None,
+    quant: bool = True,
+    observer: Observer | None = None,
+    logits: bool = False,
+    weights: dict[str, Any] | None = None,
+) -> Any:
     """Final normed hidden states [B, T, H] (or logits) of the (fake-)quantized model on ids [B, T].
 
     ``qp`` None means no transformation (float model, or RTN); ``quant`` False turns every quantizer off
@@ -356,12 +373,15 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
     hd = c.head_dim
 
     def rope(z: Any) -> Any:
-        rot = ops.cat([-z[..., hd // 2:], z[..., : hd // 2]], -1)
+        rot = ops.cat([-z[..., hd // 2 :], z[..., : hd // 2]], -1)
         return z * cos + rot * sin
 
     def heads(z: Any, n: int) -> Any:
-        return z.reshape(b, t, n, hd).transpose(1, 2) if not isinstance(z, np.ndarray) else \
-            z.reshape(b, t, n, hd).transpose(0, 2, 1, 3)
+        return (
+            z.reshape(b, t, n, hd).transpose(1, 2)
+            if not isinstance(z, np.ndarray)
+            else z.reshape(b, t, n, hd).transpose(0, 2, 1, 3)
+        )
 
     def tr(z: Any) -> Any:  # swap the last two axes
         return z.transpose(-1, -2) if not isinstance(z, np.ndarray) else np.swapaxes(z, -1, -2)
@@ -380,12 +400,15 @@ def sim_forward(model: LlamaModel, qp: QParams | None, scheme: Scheme, ids: Any,
         v = act(lin(h, f["v"], f["v_b"], p["clip_v"]), "v", i)
         v = heads(v, c.kv_heads)
         if grp > 1:
-            k = ops.cat([k[:, j // grp: j // grp + 1] for j in range(c.heads)], 1)
-            v = ops.cat([v[:, j // grp: j // grp + 1] for j in range(c.heads)], 1)
+            k = ops.cat([k[:, j // grp : j // grp + 1] for j in range(c.heads)], 1)
+            v = ops.cat([v[:, j // grp : j // grp + 1] for j in range(c.heads)], 1)
         pr = act(ops.softmax(q @ tr(k) / float(np.sqrt(hd)) + mask), "probs", i)
         a = pr @ v
-        a = a.transpose(1, 2).reshape(b, t, c.hidden) if not isinstance(a, np.ndarray) else \
-            a.transpose(0, 2, 1, 3).reshape(b, t, c.hidden)
+        a = (
+            a.transpose(1, 2).reshape(b, t, c.hidden)
+            if not isinstance(a, np.ndarray)
+            else a.transpose(0, 2, 1, 3).reshape(b, t, c.hidden)
+        )
         if observer is not None:
             observer.see_channels(f"{i}.o_x", ops.np(a))
         a = act(a, "attn_out", i)

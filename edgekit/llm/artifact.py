@@ -49,18 +49,30 @@ def pack_lm_artifact(
     *,
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
     prompt_ids: list[int] | None = None,
-    target: str = "numpy",
+    compile_target: str | None = None,
 ) -> Path:
-    """An artifact the device agent's ``lm`` runtime runs (manifest, checksums, the model)."""
+    """An artifact the device agent's ``lm`` runtime runs (manifest, checksums, the model).
+
+    ``compile_target`` (a ``targets/*.toml`` name: ``rpi4``, ``rpi5``, ``host``...): also every linear
+    layer compiled through TVM for that device (``edgekit.llm.compile.build_device_linears``), which the
+    runtime then calls instead of numpy; needs ``libtvm_runtime.so``/``libtvm_ffi.so`` on the device."""
     qm = _lm(model)
     cfg = qm.config
     prompt = list(prompt_ids) if prompt_ids is not None else example_prompt(qm)
     with tempfile.TemporaryDirectory() as tmp:
         ekq = dataclasses.replace(qm, tokenizer=None).save(Path(tmp) / "model.ekq")  # deterministic zip
+        files: dict[str, str | Path] = {"model.ekq": ekq}
+        tvm_linears = None
+        if compile_target is not None:
+            from edgekit.llm.compile import build_device_linears
+
+            tvm_linears = build_device_linears(qm, compile_target, Path(tmp) / "tvm")
+            for key in ("library", "weights"):
+                files[tvm_linears[key]] = Path(tmp) / "tvm" / tvm_linears[key]
         manifest = {
             "runtime": RUNTIME,
             "model_file": "model.ekq",
-            "target": target,
+            "target": compile_target or "numpy",
             "model_hash": sha256_file(ekq),
             "inputs": [
                 {"name": "prompt_ids", "shape": [1, len(prompt)], "dtype": "int32"},
@@ -82,9 +94,10 @@ def pack_lm_artifact(
                 "group_size": max(getattr(lw["q"], "group_size", 0) for lw in qm.layers),
                 "weight_bytes": qm.weight_bytes(),
                 "packer_version": PACKER_VERSION,
+                "tvm_linears": tvm_linears,
             },
         }
-        return pack_artifact(out, manifest, {"model.ekq": ekq})
+        return pack_artifact(out, manifest, files)
 
 
 def is_lm_file(path: str | Path) -> bool:

@@ -404,3 +404,63 @@ def trace_inputs(qm: QuantLM, ids: np.ndarray, layout: list[tuple[str, ActQ, int
     trace: dict[str, np.ndarray] = {}
     int_forward(qm, np.asarray(ids), trace=trace)
     return {name: aq.quantize(trace[name]) for name, aq, _, _ in layout}
+
+
+# ---- a library for the device's LM runtime (no Relax VM, no Python TVM on the device) -------------------
+
+
+def build_device_linears(qm: QuantLM, target: str, out_dir: str | Path, *, tensorize: bool = True) -> dict[str, Any]:
+    """Every linear of ``qm`` (all layers and the lm_head) as one exported TIR function each, for the
+    ``lm`` device runtime, which calls them through ``ctypes`` with only ``libtvm_runtime.so`` and
+    ``libtvm_ffi.so`` on the device (``/opt/edgekit-tvm/lib``, as the ``tvm`` runtime's ``ek_runner``).
+
+    Each function ``lin_<layer>_<name>`` / ``lin_head`` takes (x int8 [1, K] or the int16 row's bytes
+    [1, 2K], packed weights, int64 folded bias, out [1, O]) and writes the exact accumulator
+    ``(x - zp) @ W^T + bias`` (``qlm.int_linear`` of one token; rows are independent, so a prompt is
+    computed row by row). Writes ``linears.so`` and ``linears.npz`` (weights, biases) in ``out_dir``;
+    returns the table the runtime needs (in the artifact manifest's ``extra.tvm_linears``)."""
+    import tvm
+    from tvm import s_tir, te
+    from tvm.support import cc as tcc
+
+    from edgekit.compile.targets import get_target
+    from kernels import tensorize as ktz
+
+    t0 = time.time()
+    spec = get_target(target)
+    cxx = spec.compiler()
+    ttarget = spec.tvm_target()
+    intrin = ktz.intrin_for(ttarget) if tensorize else None
+    act_dtype, nb, kb = ktz.LAYOUTS[intrin] if intrin else ("int8", 16, 4)
+    specs = linear_specs(qm, list(range(qm.config.layers)), head=True)
+    funcs, arrays, table = {}, {}, []
+    for s in specs:
+        acc = LinearSpec(s.name, s.lin, s.xq, None, None, s.acc_dtype)
+        name = "lin_head" if s.name == "lm_head" else "lin_" + s.name.replace(".", "_")
+        k = int(s.lin.weight.shape[1])
+        xbytes = k * (2 if s.xq.bits > 8 else 1)
+        wp = ktz.pack_weight(s.lin.weight.astype(np.int8), nb, kb)
+        bias = folded_bias(acc, act_dtype == "uint8")
+        x = te.placeholder((1, xbytes), "int8", name="x")
+        w = te.placeholder(wp.shape, "int8", name="w")
+        b = te.placeholder(bias.shape, "int64", name="b")
+        out = _linear_te(x, w, b, None, None, spec=acc, offset=0, tokens=1, act_dtype=act_dtype)
+        f = te.create_prim_func([x, w, b, out])
+        if intrin is not None:
+            sch = s_tir.Schedule(f)
+            ktz.schedule_gemm(sch, intrin, threads=1)
+            f = sch.mod["main"]
+        funcs[name] = f.with_attr("global_symbol", name)
+        arrays[name + ".w"], arrays[name + ".b"] = wp, bias
+        table.append({"linear": s.name, "func": name, "in_bits": s.xq.bits, "in_bytes": xbytes,
+                      "out_features": s.out_features, "acc_dtype": s.acc_dtype})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ex = tvm.compile(tvm.IRModule(funcs), ttarget)
+        ex.export_library(str(out_dir / "linears.so"), fcompile=tcc.cross_compiler(cxx, options=["-s"]) if cxx else None)
+    except Exception as exc:  # TVM raises its own error types
+        raise LMCompileError(f"building the LM linears for {spec.name} failed: {exc}") from exc
+    np.savez(out_dir / "linears.npz", **arrays)
+    return {"library": "linears.so", "weights": "linears.npz", "target": spec.name, "arch": spec.arch,
+            "intrin": intrin, "functions": table, "build_seconds": round(time.time() - t0, 1)}

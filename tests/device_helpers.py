@@ -201,3 +201,27 @@ class FrameFaults(Channel):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def tampered_tvm_artifact(qm, layer_index: int, target: str, out: Path) -> tuple[Path, str]:
+    """A compiled (TVM) artifact whose library computes one conv layer differently (bias +3000) while
+    its manifest and reference.ekq claim the original model: stands in for a miscompiled kernel."""
+    import copy
+    import tarfile
+    import tempfile
+
+    from edgekit.artifact import pack_artifact, read_manifest
+    from edgekit.compile import compile_model
+
+    bad = copy.deepcopy(qm)
+    node = [n for n in bad.nodes if n.op == "conv2d"][layer_index]
+    bad.constants[node.params["bias"]] = bad.constants[node.params["bias"]] + np.int32(3000)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = compile_model(bad, target, Path(tmp) / "bad.tar", verify=False).path
+        manifest = read_manifest(built)
+        with tarfile.open(built) as tar:
+            tar.extract("model.so", tmp, filter="data")
+        manifest["model_hash"] = qm.content_hash()
+        files = {"model.so": Path(tmp) / "model.so", "reference.ekq": qm.save(Path(tmp) / "reference.ekq")}
+        pack_artifact(out, {k: v for k, v in manifest.items() if k != "files"}, files)
+    return out, node.name

@@ -157,7 +157,8 @@ def test_tvm_rpi4_flow_export_compile_deploy_profile_validate_over_ssh(pi, tmp_p
 
 
 def test_tvm_runner_reports_errors_and_survives_them(pi, tmp_path):
-    """A wrong input shape is an error from the device's TVM runtime, and the runner keeps serving."""
+    """A wrong input shape is an error from the device's TVM runtime, and the runner keeps serving;
+    a batch larger than the library's is split; kernel outputs come back for mismatch hunting."""
     from edgekit.compile import compile_model, synth
     from edgekit.device.errors import DeviceError
 
@@ -171,9 +172,24 @@ def test_tvm_runner_reports_errors_and_survives_them(pi, tmp_path):
             s.run({name: x[0]})
         got, ms = s.run({name: x})  # batch 3 on a batch-1 library: three runner calls
         assert ms > 0
-        with pytest.raises(DeviceError, match="intermediate"):
-            s.intermediates({name: x[:1]})
+        kernels = s.intermediates({name: x[:1]})  # every kernel's output, in call order
     np.testing.assert_array_equal(next(iter(got.values())), qm.run(x, integer=True)[qm.outputs[0].name])
+    assert len(kernels) >= 12 and np.array_equal(list(kernels.values())[-1], next(iter(got.values()))[:1])
+
+
+def test_tvm_mismatch_on_the_pi_names_the_first_divergent_layer(pi, resnet8_int8, tmp_path):
+    """A miscompiled conv (the 5th) in an rpi4 library: validate over SSH reports the samples that
+    differ and, from every kernel's output captured by ek_runner, names that conv as the first layer."""
+    from tests.device_helpers import tampered_tvm_artifact
+
+    art, layer = tampered_tvm_artifact(resnet8_int8, 4, "rpi4", tmp_path / "bad.rpi4.tar")
+    data = test_subset(tmp_path / "v.npz", 8)
+    with open_session(pi["ssh"], timeout=60) as s:
+        rep = validate(s, art, data, batch=8)
+    assert rep["bit_exact_fraction"] < 1.0 and rep["max_lsb_diff"] > 0
+    mm = rep["first_mismatch"]
+    assert mm["layer"] == layer and mm["op"] == "conv2d" and mm["max_lsb_diff"] > 0, mm
+    assert mm["compared_tensors"] >= 12  # every conv, add, pool and dense kernel was mapped to its tensor
 
 
 def test_litert_and_onnxruntime_side_by_side_on_the_pi(pi, tmp_path, capsys):

@@ -19,6 +19,7 @@
 //     run N + N tensors              -> ok <n outputs> <ns>, then the output tensors
 //     time WARMUP REPEATS N + tensors -> ok <warmup ns> <ns of run 1> ... <ns of run REPEATS>
 //     layers REPEATS N + tensors      -> ok K, then K lines "<mean ns per run> <calls per run> <kernel>"
+//     intermediates N + tensors       -> ok K, then K times a line "<kernel>" and that call's output tensor
 //     stats                           -> ok <peak rss KiB> <current rss KiB>
 //     quit
 //   Times come from std::chrono::steady_clock (monotonic) around the VM call only. Per-kernel times
@@ -151,10 +152,20 @@ long RssKiB(bool peak) {
 }
 
 struct LayerClock {
+  bool capture = false;  // false: time each kernel call; true: keep a copy of each kernel's output
   std::vector<std::string> order;
   std::map<std::string, std::pair<int64_t, int64_t>> total;  // kernel -> (ns, calls)
   std::vector<Clock::time_point> started;
+  std::vector<std::pair<std::string, Tensor>> outputs;  // capture: (kernel, its output), in call order
 };
+
+Tensor Copy(const Tensor& t) {
+  const DLTensor* d = t.GetDLTensorPtr();
+  Tensor c = Tensor::FromNDAlloc(CPUAlloc(), tvm::ffi::Shape(std::vector<int64_t>(d->shape, d->shape + d->ndim)),
+                                 d->dtype, DLDevice{kDLCPU, 0});
+  std::memcpy(c.data_ptr(), static_cast<const char*>(d->data) + d->byte_offset, Bytes(d));
+  return c;
+}
 
 int Serve(const char* model) {
   std::optional<tvm::ffi::Module> lib, vm, vm_prof;
@@ -208,15 +219,24 @@ int Serve(const char* model) {
         std::printf("ok %lld", static_cast<long long>(warm));
         for (int64_t t : ns) std::printf(" %lld", static_cast<long long>(t));
         std::printf("\n");
-      } else if (cmd == "layers") {
+      } else if (cmd == "layers" || cmd == "intermediates") {
         int repeats = 1, n = 0;
-        in >> repeats >> n;
+        if (cmd == "layers") in >> repeats;
+        in >> n;
         auto xs = ReadInputs(n);
         if (!vm_prof) {
           vm_prof = LoadVM(*lib);
           auto hook = tvm::ffi::Function::FromPacked([&clock](tvm::ffi::PackedArgs args, tvm::ffi::Any* rv) {
             std::string sym = args[1].cast<tvm::ffi::String>();
-            if (args[2].cast<bool>()) {
+            if (clock.capture) {
+              // a kernel's output is its last argument (destination passing); copied now, as the
+              // pooled allocator reuses the buffer later in the run
+              if (!args[2].cast<bool>() && sym.rfind("vm.builtin.", 0) != 0 && args.size() > 4) {
+                if (auto out = args[args.size() - 1].try_cast<Tensor>()) {
+                  if (tvm::ffi::IsContiguous(*out->GetDLTensorPtr())) clock.outputs.emplace_back(sym, Copy(*out));
+                }
+              }
+            } else if (args[2].cast<bool>()) {
               clock.started.push_back(Clock::now());
             } else if (!clock.started.empty()) {
               int64_t ns = Ns(clock.started.back(), Clock::now());
@@ -235,6 +255,25 @@ int Serve(const char* model) {
           (*vm_prof)->GetFunction("set_instrument").value()(hook);
           entry_prof = (*vm_prof)->GetFunction("main").value();
           Call(entry_prof, xs);  // warm-up run, not counted
+        }
+        if (cmd == "intermediates") {
+          clock.capture = true;
+          clock.outputs.clear();
+          try {
+            Call(entry_prof, xs);
+          } catch (...) {
+            clock.capture = false;
+            throw;
+          }
+          clock.capture = false;
+          std::printf("ok %zu\n", clock.outputs.size());
+          for (const auto& [sym, t] : clock.outputs) {
+            std::printf("%s\n", sym.c_str());
+            WriteTensor(t);
+          }
+          clock.outputs.clear();
+          std::fflush(stdout);
+          continue;
         }
         clock.order.clear();
         clock.total.clear();

@@ -9,6 +9,7 @@ output differs from the host's is named.
 
 from __future__ import annotations
 
+import re
 import tarfile
 import tempfile
 import time
@@ -223,6 +224,37 @@ def validate(
     return report
 
 
+def _same_shape(want: tuple, got: tuple) -> bool:
+    """Equal shapes, the batch (first) dimension and unknown (None) dimensions aside."""
+    return len(want) == len(got) and all(w is None or w == g for w, g in zip(want[1:], got[1:], strict=True))
+
+
+def kernel_outputs_by_tensor(qm: QuantModel, kernels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Map a compiled model's per-kernel outputs (keyed by kernel name, in call order) to the graph's
+    tensor names. edgekit's TVM lowering names each node's kernel ``<family>_<node name with
+    non-identifier characters as _, cut to 48>`` (TVM may add a numeric suffix to repeated names);
+    nodes and kernels both come in topological order, so each node takes the first unused kernel
+    whose name ends with its own and whose output has the node's shape."""
+    host_shapes = {t: tuple(info.shape) for t, info in qm.tensors.items() if getattr(info, "shape", None)}
+    names = list(kernels)
+    used: set[str] = set()
+    out: dict[str, np.ndarray] = {}
+    for node in qm.nodes:
+        stem = re.sub(r"[^0-9A-Za-z_]", "_", node.name)[:48]
+        pattern = re.compile(r".+_" + re.escape(stem) + r"(_?\d+)?(#\d+)?")
+        want = host_shapes.get(node.outputs[0])
+        for k in names:
+            if k in used or not pattern.fullmatch(k):
+                continue
+            shape = tuple(kernels[k].shape)
+            if want is not None and not _same_shape(want, shape):
+                continue
+            used.add(k)
+            out[node.outputs[0]] = kernels[k]
+            break
+    return out
+
+
 def locate_mismatch(
     session: Session, qm: QuantModel, manifest: dict, x1: np.ndarray, in_name: str, host_name: str, index: int
 ) -> dict[str, Any]:
@@ -234,7 +266,11 @@ def locate_mismatch(
         found["layer"] = None
         found["note"] = f"intermediate tensors not available from the {manifest['runtime']} runtime ({exc})"
         return found
-    layer = first_divergent_layer(qm, device, qm.run_all({host_name: x1}))
+    host = qm.run_all({host_name: x1})
+    if device and not set(device) & set(host):  # a compiled model: outputs by kernel, not by tensor
+        device = kernel_outputs_by_tensor(qm, device)
+        found["compared_tensors"] = len(device)
+    layer = first_divergent_layer(qm, device, host)
     if layer is None:
         found["layer"] = None
         found["note"] = "every intermediate tensor matches: the difference is in the output epilogue or batching"

@@ -4,7 +4,8 @@ only ``libtvm_runtime.so`` + ``libtvm_ffi.so`` on the device: no Python TVM pack
 The runner is a child process kept for the life of the loaded model (``ek_runner --serve MODEL.so``):
 it loads the library once and answers ``run`` / ``time`` / ``layers`` / ``stats`` over its
 stdin/stdout, so profiling times repeated runs with the runner's own monotonic clock (no pipe or
-Python cost inside the timings) and per-kernel times come from the Relax VM's instrument hook.
+Python cost inside the timings); per-kernel times and every kernel's output (for ``validate`` to
+name the first layer that differs) come from the Relax VM's instrument hook.
 
 Where the runner is looked for: ``$EDGEKIT_TVM_RUNNER``, ``ek_runner`` on ``PATH``, then
 ``/opt/edgekit-tvm/bin/ek_runner`` (the layout ``tools/emulated-pi up`` installs and
@@ -184,6 +185,19 @@ class RunnerModel(LoadedModel):
             key = "vm.builtin.* (allocation, shape checks)" if name.startswith("vm.builtin.") else name
             times[key] = times.get(key, 0.0) + float(ns) / 1e6
         return times
+
+    def intermediates(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Every kernel's output of one run, by kernel name in call order (the host maps kernel names to
+        the graph's tensors: ``edgekit.device.validate.kernel_outputs_by_tensor``)."""
+        count = int(self._request("intermediates", inputs)[0])
+        out: dict[str, Any] = {}
+        for _ in range(count):
+            name = self._line()
+            key, k = name, 2
+            while key in out:  # a kernel called twice
+                key, k = f"{name}#{k}", k + 1
+            out[key] = self._read_tensor()
+        return out
 
     def extra_rss_kib(self, peak: bool) -> int:
         """The runner process's resident memory (peak or current), which the agent's own does not include."""

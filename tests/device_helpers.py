@@ -57,8 +57,14 @@ def tampered_artifact(qm, layer_index: int, out: Path) -> tuple[Path, str]:
     inputs, outputs = io_specs(qm)
     with tempfile.TemporaryDirectory() as tmp:
         ekq = bad.save(Path(tmp) / "model.ekq")
-        manifest = {"runtime": "reference", "model_file": "model.ekq", "target": "numpy",
-                    "model_hash": qm.content_hash(), "inputs": inputs, "outputs": outputs}
+        manifest = {
+            "runtime": "reference",
+            "model_file": "model.ekq",
+            "target": "numpy",
+            "model_hash": qm.content_hash(),
+            "inputs": inputs,
+            "outputs": outputs,
+        }
         pack_artifact(out, manifest, {"model.ekq": ekq})
     return out, node.name
 

@@ -195,13 +195,38 @@ def test_tvm_mismatch_on_the_pi_names_the_first_divergent_layer(pi, resnet8_int8
 def test_litert_and_onnxruntime_side_by_side_on_the_pi(pi, tmp_path, capsys):
     from edgekit.device.cli import main
 
-    lite = pack_runtime_artifact(LITERT_INT8, "tflite", tmp_path / "r8_litert.tar",
-                                 inputs=[{"name": "input_1", "shape": [1, 32, 32, 3], "dtype": "int8"}])
-    ort = pack_runtime_artifact(RESNET8_ONNX, "onnxruntime", tmp_path / "r8_ort.tar",
-                                inputs=[{"name": "input_1", "shape": [1, 32, 32, 3], "dtype": "float32"}])
+    lite = pack_runtime_artifact(
+        LITERT_INT8,
+        "tflite",
+        tmp_path / "r8_litert.tar",
+        inputs=[{"name": "input_1", "shape": [1, 32, 32, 3], "dtype": "int8"}],
+    )
+    ort = pack_runtime_artifact(
+        RESNET8_ONNX,
+        "onnxruntime",
+        tmp_path / "r8_ort.tar",
+        inputs=[{"name": "input_1", "shape": [1, 32, 32, 3], "dtype": "float32"}],
+    )
     png = tmp_path / "side.png"
-    assert main(["profile", str(lite), str(ort), "--device", pi["ssh"], "--runs", "5", "--threads", "1",
-                 "--json", "--png", str(png)]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                str(lite),
+                str(ort),
+                "--device",
+                pi["ssh"],
+                "--runs",
+                "5",
+                "--threads",
+                "1",
+                "--json",
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
     reports = json.loads(capsys.readouterr().out)["reports"]
     assert [r["runtime"] for r in reports] == ["tflite", "onnxruntime"]
     for r in reports:
@@ -375,8 +400,10 @@ def test_device_that_never_answers_times_out(tmp_path):
     assert time.monotonic() - t0 < 15
     srv.close()
 
-    relay = subprocess.Popen([sys.executable, str(ROOT / "tools/emulated_pi/ptyrelay.py"), str(tmp_path / "a"),
-                              str(tmp_path / "b")], start_new_session=True)
+    relay = subprocess.Popen(
+        [sys.executable, str(ROOT / "tools/emulated_pi/ptyrelay.py"), str(tmp_path / "a"), str(tmp_path / "b")],
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 10
         while not (tmp_path / "a").exists() and time.monotonic() < deadline:

@@ -173,8 +173,9 @@ def test_upload_over_a_very_noisy_line_shrinks_frames_and_lands_intact(tmp_path)
 
     blob = tmp_path / "weights.bin"
     blob.write_bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes())
-    art = pack_artifact(tmp_path / "big.tar", {"runtime": "onnxruntime", "model_file": "weights.bin"},
-                        {"weights.bin": blob})
+    art = pack_artifact(
+        tmp_path / "big.tar", {"runtime": "onnxruntime", "model_file": "weights.bin"}, {"weights.bin": blob}
+    )
     clean = open_session(f"local://?root={tmp_path / 'dev'}", timeout=30)
     noisy = NoisyChannel(clean.channel, flip=1e-4, drop=5e-6, seed=7)
     s = Session(noisy, "local://noisy", timeout=20, max_retries=200)

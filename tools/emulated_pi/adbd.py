@@ -299,8 +299,9 @@ def service_sync(stream: Stream, _: str) -> None:
                 for name in sorted(os.listdir(path)):
                     st = os.lstat(os.path.join(path, name))
                     raw = name.encode()
-                    _sync_reply(stream, b"DENT", st.st_mode, st.st_size & 0xFFFFFFFF, int(st.st_mtime), len(raw),
-                                data=raw)
+                    _sync_reply(
+                        stream, b"DENT", st.st_mode, st.st_size & 0xFFFFFFFF, int(st.st_mtime), len(raw), data=raw
+                    )
             except OSError:
                 pass
             _sync_reply(stream, b"DONE", 0, 0, 0, 0)

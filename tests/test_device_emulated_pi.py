@@ -317,7 +317,8 @@ def test_adb_shell_exit_codes_with_shell_v2_and_on_a_legacy_shell(pi):
     assert adb.shell(serial, "test -d /opt/edgekit-agent")[0] == 0
     with pytest.raises(DeviceConnectionError, match="exited with 1"):
         adb.shell(serial, "test -f /no/such/file")
-    adb._FEATURES[serial] = frozenset()  # what a device without shell_v2 looks like to the client
+    assert adb._run(serial, ("shell", "-x", "exit 5"), 30).returncode == 0  # the legacy protocol loses it
+    adb._FEATURES[serial] = frozenset()  # as for a device without shell_v2: legacy protocol, status line
     try:
         assert adb.shell(serial, "echo out; exit 5", check=False) == (5, "out\n")
         assert adb.shell(serial, "true") == (0, "")

@@ -63,12 +63,14 @@ def features(serial: str) -> frozenset[str]:
 
 def shell(serial: str, command: str, timeout: float = 60.0, check: bool = True) -> tuple[int, str]:
     """Run ``command`` in the device's shell: (exit status, stdout). With shell_v2 the status is
-    ``adb shell``'s own; a legacy shell loses it, so there the command prints it as its last line."""
+    ``adb shell``'s own; a legacy shell loses it, so there the command runs in a subshell (an ``exit``
+    in it ends only that) followed by a line that prints its status."""
     if "shell_v2" in features(serial):
         res = _run(serial, ("shell", command), timeout)
         status, out, err = res.returncode, res.stdout, res.stderr
     else:
-        res = _run(serial, ("shell", f"{command}\necho {_STATUS_MARK}$?"), timeout)
+        # -x: the legacy protocol even where the client could do better (what such a device gets anyway)
+        res = _run(serial, ("shell", "-x", f"(\n{command}\n)\necho {_STATUS_MARK}$?"), timeout)
         out, _, tail = res.stdout.rpartition(_STATUS_MARK)
         status = int(tail.strip()) if tail.strip().isdigit() else (res.returncode or 255)
         out, err = (out if _STATUS_MARK in res.stdout else res.stdout), res.stderr

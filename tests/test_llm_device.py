@@ -4,6 +4,7 @@ tokens identical to the host integer executor's), over ``local://`` and on the e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -147,6 +148,7 @@ def test_cli_deploy_and_profile_take_an_lm_ekq(qlm8, tmp_path, local_url):
 # ---- the emulated Raspberry Pi (aarch64 under qemu-user, over real SSH) ----------------------------
 
 TOOL = ROOT / "tools" / "emulated-pi"
+PI_DIR = Path.home() / ".cache" / "edgekit" / "emulated-pi-llm"  # its own instance: other test modules tear theirs down
 
 
 @pytest.fixture(scope="module")
@@ -154,14 +156,15 @@ def pi():
     """The emulated Pi: reuse one that is already up (and leave it up), else bring one up and down."""
     if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("qemu-aarch64-static") is None:
         pytest.skip("the emulated Pi needs Linux, root and qemu-user-static (tools/setup.d/50-device.sh as root)")
-    status = subprocess.run([str(TOOL), "status"], capture_output=True, text=True, timeout=60)
+    env = dict(os.environ, EDGEKIT_PI_DIR=str(PI_DIR))
+    status = subprocess.run([str(TOOL), "status"], capture_output=True, text=True, timeout=60, env=env)
     state = json.loads(status.stdout or "{}") if status.returncode == 0 else {}
     was_up = bool(state.get("urls")) and all(_alive(p) for p in state.get("pids", {}).values())
-    res = subprocess.run([str(TOOL), "up"], capture_output=True, text=True, timeout=900)
+    res = subprocess.run([str(TOOL), "up"], capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, f"emulated-pi up failed:\n{res.stderr[-3000:]}"
     yield json.loads(res.stdout.strip().splitlines()[-1])
     if not was_up:
-        subprocess.run([str(TOOL), "down"], capture_output=True, text=True, timeout=300)
+        subprocess.run([str(TOOL), "down"], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _alive(pid: int) -> bool:
@@ -184,3 +187,35 @@ def test_emulated_pi_generation_identical_to_host(pi, qlm8, art8):
         f"\nemulated Pi (qemu cortex-a72): {prof['decode_tokens_per_s']:.1f} decode tokens/s, "
         f"{prof['tokens_per_s']:.1f} tokens/s end to end (tiny model; emulated timings)"
     )
+
+
+# ---- the linears as TVM kernels on the device (edgekit.llm.compile.build_device_linears) -------------------
+
+needs_tvm = pytest.mark.skipif(
+    importlib.util.find_spec("tvm") is None, reason="TVM is not installed (tools/setup.d/40-tvm.sh)"
+)
+
+
+@needs_tvm
+def test_local_generation_with_compiled_linears(qlm8, local_url, tmp_path):
+    """The host's own kernels (VNNI where the CPU has it) called by the runtime: same tokens as qlm."""
+    art = pack_lm_artifact(qlm8, tmp_path / "lm8-host.tar", max_new_tokens=NEW, compile_target="host")
+    m = read_manifest(art)
+    assert {"linears.so", "linears.npz"} <= set(m["files"]) and len(m["extra"]["tvm_linears"]["functions"]) == 15
+    with open_session(local_url, timeout=120) as s:
+        rep = validate_lm(s, art, PROMPTS)
+    assert rep["tokens_identical"], rep["first_mismatch"]
+    # every linear of every pass ran in a kernel: 7 per layer and the head, once per prompt row / new token
+    for r, p in zip(rep["results"], PROMPTS, strict=True):
+        assert r["tvm_kernel_calls"] == (len(p) + NEW - 1) * (7 * CFG.layers + 1)
+
+
+@needs_tvm
+@pytest.mark.slow
+def test_emulated_pi_generation_with_compiled_linears(pi, qlm8, tmp_path):
+    """rpi4 (NEON) kernels called on the emulated Pi with only /opt/edgekit-tvm/lib's runtime libraries."""
+    art = pack_lm_artifact(qlm8, tmp_path / "lm8-rpi4.tar", max_new_tokens=NEW, compile_target="rpi4")
+    with open_session(pi["ssh"], timeout=300) as s:
+        rep = validate_lm(s, art, PROMPTS, timeout=300)
+    assert rep["tokens_identical"], rep["first_mismatch"]
+    assert all(r["tvm_kernel_calls"] > 0 for r in rep["results"])

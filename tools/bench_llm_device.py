@@ -31,6 +31,8 @@ from edgekit.llm.artifact import pack_lm_artifact, validate_lm  # noqa: E402
 from edgekit.llm.qlm import load_lm  # noqa: E402
 
 TOOL = ROOT / "tools" / "emulated-pi"
+# an emulated Pi of its own (others' test sessions bring the default one up and down)
+os.environ.setdefault("EDGEKIT_PI_DIR", str(Path.home() / ".cache" / "edgekit" / "emulated-pi-llm"))
 
 
 def pi_up() -> tuple[dict, bool]:
@@ -57,6 +59,7 @@ def main() -> int:
     p.add_argument("--device", help="device URL (default: the emulated Pi over SSH)")
     p.add_argument("--tokens", type=int, default=4, help="new tokens to generate (greedy)")
     p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--compile-target", help="also run the linears as TVM kernels compiled for this target (rpi4...)")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
@@ -71,7 +74,12 @@ def main() -> int:
     report: dict = {"model": str(args.model), "prompt": args.prompt, "prompt_ids": ids, "new_tokens": args.tokens}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            art = pack_lm_artifact(qm, Path(tmp) / "lm.tar", max_new_tokens=args.tokens, prompt_ids=ids)
+            t1 = time.monotonic()
+            art = pack_lm_artifact(
+                qm, Path(tmp) / "lm.tar", max_new_tokens=args.tokens, prompt_ids=ids, compile_target=args.compile_target
+            )
+            report["pack_s"] = time.monotonic() - t1
+            report["linears"] = f"TVM ({args.compile_target})" if args.compile_target else "numpy (qlm)"
             report["artifact_mb"] = art.stat().st_size / 1e6
             with open_session(url, timeout=args.timeout) as s:
                 probe = s.probe()
@@ -90,6 +98,7 @@ def main() -> int:
     steps = res["step_ms"]
     report.update(
         tokens_identical=rep["tokens_identical"],
+        tvm_kernel_calls=res["tvm_kernel_calls"],
         device_tokens=res["device"],
         host_tokens=res["host"],
         text=qm.tokenizer.decode(res["device"]) if qm.tokenizer is not None else None,
@@ -112,7 +121,7 @@ def main() -> int:
             f"  prompt {len(ids)} tokens: prefill {report['prefill_ms'] / 1e3:.1f} s; decode "
             f"{(report['decode_ms_per_token'] or 0) / 1e3:.1f} s/token; {report['tokens_per_s']:.3f} tokens/s"
         )
-        print(f"  device text: {report['text']!r}")
+        print(f"  linears: {report['linears']}; device text: {report['text']!r}")
         print(f"  tokens identical to the host integer executor: {report['tokens_identical']}")
         print(f"  total {report['total_s']:.0f} s")
     return 0 if report["tokens_identical"] else 1

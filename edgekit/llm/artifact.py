@@ -213,7 +213,17 @@ def validate_lm(
         host = generate(qm, ids[0], n)
         same = dev == host
         steps = [float(t) for t in outs["step_ms"][0][: len(dev)]] if "step_ms" in outs else []
-        results.append({"prompt": ids[0].tolist(), "device": dev, "host": host, "identical": same, "step_ms": steps})
+        calls = int(outs["tvm_kernel_calls"][0]) if "tvm_kernel_calls" in outs else 0
+        results.append(
+            {
+                "prompt": ids[0].tolist(),
+                "device": dev,
+                "host": host,
+                "identical": same,
+                "step_ms": steps,
+                "tvm_kernel_calls": calls,
+            }
+        )
         device_ms.append(ms)
         if not same and first is None:
             pos = next((j for j, (a, b) in enumerate(zip(dev, host, strict=False)) if a != b), min(len(dev), len(host)))

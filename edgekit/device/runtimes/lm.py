@@ -49,27 +49,29 @@ class LMModel(LoadedModel):
         eos = extra.get("eos_token_id")
         self.eos = None if eos is None else int(eos)
         self.kernels: TVMLinears | None = None
+        self._memo: dict[bytes, Any] = {}
         tl = extra.get("tvm_linears")
         if tl:
             self.kernels = TVMLinears(path.parent, tl, self.qm)
 
     @contextlib.contextmanager
     def _linears(self):
-        """``qlm.int_linear`` served by the compiled kernels (and ``qlm._mult`` memoized) while generating."""
-        if self.kernels is None:
-            yield
-            return
+        """While generating: ``qlm._mult`` (the dyadic multipliers of a rescale, a Python loop over channels)
+        memoized on its argument, a pure function of the fixed scales; ``qlm.int_linear`` served by the
+        compiled kernels when the artifact has them."""
         qlm, k = self.qlm, self.kernels
         orig_linear, orig_mult = qlm.int_linear, qlm._mult
-        memo: dict[bytes, Any] = {}
+        memo = self._memo
 
         def int_linear(x, xq, lin):
-            fn = k.by_id.get(id(lin))
+            fn = None if k is None else k.by_id.get(id(lin))
             return orig_linear(x, xq, lin) if fn is None else k.call(fn, x)
 
         def mult(real):
-            key = real.tobytes() + str(real.shape).encode()
+            key = real.tobytes() + str((real.dtype, real.shape)).encode()
             if key not in memo:
+                if len(memo) > 4096:  # per-token keys (the embedding's row scales) must not grow without bound
+                    memo.clear()
                 memo[key] = orig_mult(real)
             return memo[key]
 

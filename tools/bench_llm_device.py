@@ -9,6 +9,18 @@ with QEMU_CPU=cortex-a72) and takes it down afterwards unless it was already up.
 prefill and per-token decode times on the device clock (under emulation: only "it runs, correctly";
 emulated timings say nothing about a real Pi) and whether the device's tokens equal the host's.
 Not a CI test: a 135M model takes minutes under qemu.
+
+Measured (2026-11-22, shared 2-core x86 host under load, emulated Pi 4: qemu-user cortex-a72), SmolLM2-135M
+MobileQuant W8A8 (h 16-bit), prompt "The capital of France is" (5 tokens), 4 new tokens, device text " Paris.\n\n",
+tokens identical to the host executor in both runs:
+
+| linears                         | artifact | upload | load  | prefill (5 tok) | decode      | 4 tokens |
+|---------------------------------|----------|--------|-------|-----------------|-------------|----------|
+| numpy (qlm)                     | 119 MB   | 7-9 s  | 5 s   | 27-30 s         | 7.2-7.4 s/t | 49-53 s  |
+| TVM rpi4 kernels (NEON, ctypes) | 256 MB   | 29 s   | 6.8 s | 4.0 s           | 0.79 s/t    | 6.4 s    |
+
+(--compile-target rpi4 adds ~4 min of packing here: importing TVM's tensor intrinsics and building 211 kernels.)
+Emulated timings say nothing about a real Pi; the ratio says the linears were most of the numpy time.
 """
 
 from __future__ import annotations

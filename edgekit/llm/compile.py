@@ -83,6 +83,14 @@ class LinearSpec:
         return "int8" if self.outq.bits <= 8 else "int16" if self.outq.bits <= 16 else "int32"
 
     @property
+    def input(self) -> str:
+        """The activation it reads, as named in ``int_forward``'s trace: "3.mlp_in", "final_in"."""
+        if self.name == "lm_head":
+            return "final_in"
+        layer, lin = self.name.split(".")
+        return f"{layer}.{WIRING[lin][0]}"
+
+    @property
     def out_features(self) -> int:
         return int(self.lin.weight.shape[0])
 
@@ -134,7 +142,7 @@ def input_layout(qm: QuantLM, specs: list[LinearSpec]) -> list[tuple[str, ActQ, 
     """(name, activation, byte offset, width) of every activation in ``main``'s int8 row buffer."""
     needed: list[tuple[str, ActQ]] = []
     for s in specs:
-        key = "final_in" if s.name == "lm_head" else f"{s.name.split('.')[0]}.{WIRING[s.name.split('.')[1]][0]}"
+        key = s.input
         if key not in [n for n, _ in needed]:
             needed.append((key, s.xq))
     out, off = [], 0
@@ -150,7 +158,7 @@ def input_layout(qm: QuantLM, specs: list[LinearSpec]) -> list[tuple[str, ActQ, 
 
 def _in_features(specs: list[LinearSpec], act: str) -> int:
     for s in specs:
-        key = "final_in" if s.name == "lm_head" else f"{s.name.split('.')[0]}.{WIRING[s.name.split('.')[1]][0]}"
+        key = s.input
         if key == act:
             return int(s.lin.weight.shape[1])
     raise KeyError(act)
@@ -269,7 +277,7 @@ def lower_linears(
         with bb.dataflow():
             outs = []
             for s in specs:
-                key = "final_in" if s.name == "lm_head" else f"{s.name.split('.')[0]}.{WIRING[s.name.split('.')[1]][0]}"
+                key = s.input
                 wp = ktz.pack_weight(s.lin.weight.astype(np.int8), nb, kb)
                 weight_bytes += wp.nbytes
                 bias = folded_bias(s, act_dtype == "uint8")
@@ -379,7 +387,7 @@ def verify_linears(compiled: CompiledLinears, inputs: list[dict[str, np.ndarray]
     values = 0
     for acts, outs in zip(inputs, got, strict=True):
         for s, y in zip(compiled.lowered.specs, outs, strict=True):
-            key = "final_in" if s.name == "lm_head" else f"{s.name.split('.')[0]}.{WIRING[s.name.split('.')[1]][0]}"
+            key = s.input
             ref = s.reference(np.asarray(acts[key]))
             if y.shape != ref.shape or y.dtype != ref.dtype:
                 raise LMCompileError(f"{s.name}: compiled output {y.dtype}{y.shape}, qlm {ref.dtype}{ref.shape}")
@@ -452,15 +460,32 @@ def build_device_linears(qm: QuantLM, target: str, out_dir: str | Path, *, tenso
             f = sch.mod["main"]
         funcs[name] = f.with_attr("global_symbol", name)
         arrays[name + ".w"], arrays[name + ".b"] = wp, bias
-        table.append({"linear": s.name, "func": name, "in_bits": s.xq.bits, "in_bytes": xbytes,
-                      "out_features": s.out_features, "acc_dtype": s.acc_dtype})
+        table.append(
+            {
+                "linear": s.name,
+                "func": name,
+                "in_bits": s.xq.bits,
+                "in_bytes": xbytes,
+                "out_features": s.out_features,
+                "acc_dtype": s.acc_dtype,
+            }
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         ex = tvm.compile(tvm.IRModule(funcs), ttarget)
-        ex.export_library(str(out_dir / "linears.so"), fcompile=tcc.cross_compiler(cxx, options=["-s"]) if cxx else None)
+        ex.export_library(
+            str(out_dir / "linears.so"), fcompile=tcc.cross_compiler(cxx, options=["-s"]) if cxx else None
+        )
     except Exception as exc:  # TVM raises its own error types
         raise LMCompileError(f"building the LM linears for {spec.name} failed: {exc}") from exc
     np.savez(out_dir / "linears.npz", **arrays)
-    return {"library": "linears.so", "weights": "linears.npz", "target": spec.name, "arch": spec.arch,
-            "intrin": intrin, "functions": table, "build_seconds": round(time.time() - t0, 1)}
+    return {
+        "library": "linears.so",
+        "weights": "linears.npz",
+        "target": spec.name,
+        "arch": spec.arch,
+        "intrin": intrin,
+        "functions": table,
+        "build_seconds": round(time.time() - t0, 1),
+    }

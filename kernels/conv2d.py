@@ -111,3 +111,69 @@ def conv2d_nhwc_packed(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tenso
         name="conv_acc",
     )
     return epilogue(acc, bias, m, shift, zout, act_min, act_max)
+
+
+# ---- tensorized layout: [O/nb, KH, KW, I/kb, nb, kb] (VNNI 16x4, sdot/NEON 4x4) ---------------
+
+def pack_weight_dot(weight: np.ndarray, nb: int, kb: int) -> np.ndarray:
+    """[O, KH, KW, I] -> [ceil(O/nb), KH, KW, ceil(I/kb), nb, kb], zero padded: the layout a dot-product
+    intrinsic reads (``nb`` output channels x ``kb`` consecutive input channels per tile)."""
+    o, kh, kw, i = weight.shape
+    on, ib = -(-o // nb), -(-i // kb)
+    wp = np.zeros((on * nb, kh, kw, ib * kb), weight.dtype)
+    wp[:o, :, :, :i] = weight
+    return np.ascontiguousarray(wp.reshape(on, nb, kh, kw, ib, kb).transpose(0, 2, 3, 4, 1, 5))
+
+
+def fold_input_zero_point_dot(bias: np.ndarray, weight: np.ndarray, zin: int, unsigned: bool) -> np.ndarray:
+    """``fold_input_zero_point`` for the dot-product kernels: with u8 activations (VNNI) the kernel
+    reads ``x + 128`` and padded cells hold ``zin + 128``, so the bias absorbs ``(zin + 128) * sum(w)``."""
+    return fold_input_zero_point(bias, weight, int(zin) + (128 if unsigned else 0))
+
+
+def conv2d_dot(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, out_channels: int,
+               act_dtype: str, strides, dilations, pads, zin: int, zout: int, act_min: int,
+               act_max: int, narrow: bool | str = False) -> te.Tensor:
+    """conv2d (groups == 1) + requantize over ``pack_weight_dot`` weights, in the shape a dot-product
+    intrinsic tensorizes: ``acc[n, oh, ow, O/nb, nb]``, reduced over (kh, kw, I/kb, kb).
+
+    Stages (names the schedule relies on): ``act`` (padded, channel padded to kb with zeros, shifted
+    by +128 for u8 activations; padded cells hold ``zin`` [+128]), ``conv_acc`` and ``requant``.
+    The bias must come from ``fold_input_zero_point_dot`` with the same ``unsigned``; ``narrow``: the
+    32-bit epilogue (``requant.narrow_ok`` must hold)."""
+    n, h, wd, c = (int(d) for d in x.shape)
+    on, kh, kw, ib, nb, kb = (int(d) for d in wp.shape)
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilations)
+    top, left, bottom, right = (int(p) for p in pads)
+    oh = out_size(h, kh, sh, dh, top, bottom)
+    ow = out_size(wd, kw, sw, dw, left, right)
+    cp = ib * kb
+    unsigned = act_dtype == "uint8"
+    fill = tirx.const(int(zin) + (128 if unsigned else 0), act_dtype)
+    zero = tirx.const(0, act_dtype)
+
+    def act(b, i, j, ch):
+        v = x[b, i - top, j - left, ch]
+        if unsigned:
+            v = (v.astype("int32") + 128).astype("uint8")
+        inside = tirx.all(i >= top, i < top + h, j >= left, j < left + wd)
+        v = tirx.if_then_else(inside, v, fill)
+        return v if cp == c else tirx.if_then_else(ch < c, v, zero)
+
+    xa = te.compute((n, h + top + bottom, wd + left + right, cp), act, name="act")
+    rh = te.reduce_axis((0, kh), "rh")
+    rw = te.reduce_axis((0, kw), "rw")
+    rco = te.reduce_axis((0, ib), "rco")
+    rci = te.reduce_axis((0, kb), "rci")
+    acc = te.compute(
+        (n, oh, ow, on, nb),
+        lambda b, i, j, ob, oi: te.sum(
+            xa[b, i * sh + rh * dh, j * sw + rw * dw, rco * kb + rci].astype("int32")
+            * wp[ob, rh, rw, rco, oi, rci].astype("int32"),
+            axis=[rh, rw, rco, rci],
+        ),
+        name="conv_acc",
+    )
+    view = te.compute((n, oh, ow, out_channels), lambda b, i, j, oc: acc[b, i, j, oc // nb, oc % nb], name="acc")
+    return epilogue(view, bias, m, shift, zout, act_min, act_max, narrow=narrow)

@@ -50,9 +50,59 @@ def clamp_i8(y, act_min: int = -128, act_max: int = 127) -> tirx.PrimExpr:
     return tirx.Cast("int8", tirx.min(tirx.max(_i64(y), c64(lo)), c64(hi)))
 
 
+def narrow_ok(weight: np.ndarray, bias: np.ndarray, m: np.ndarray, shift: np.ndarray, act_span: int = 255) -> bool:
+    """True when the 32-bit epilogue (``epilogue(..., narrow=True)``) is exact for this layer: every
+    ``(acc + bias) << max(shift, 0)`` fits int32 given |activation| <= ``act_span`` (the worst case
+    over all inputs, from the weights), ``M`` > INT32_MIN (so SQRDMULH cannot saturate) and shifts in
+    [-31, 30]."""
+    w = np.abs(weight.reshape(weight.shape[0], -1).astype(np.int64)).sum(axis=1)
+    b = np.abs(np.broadcast_to(np.asarray(bias, np.int64), w.shape))
+    sh = np.broadcast_to(np.asarray(shift, np.int64), w.shape)
+    mm = np.asarray(m, np.int64)
+    if sh.min(initial=0) < -31 or sh.max(initial=0) > 30 or mm.min(initial=0) <= INT32_MIN:
+        return False
+    bound = (w * int(act_span) + b) << np.maximum(sh, 0)
+    return bool(bound.max(initial=0) <= INT32_MAX)
+
+
+def narrow_mode(weight: np.ndarray, bias: np.ndarray, m: np.ndarray, shift: np.ndarray,
+                act_span: int = 255) -> bool | str:
+    """The ``narrow`` argument of ``epilogue`` for this layer: False, True, or "right" (no left shifts)."""
+    if not narrow_ok(weight, bias, m, shift, act_span):
+        return False
+    return "right" if int(np.max(shift, initial=0)) <= 0 else True
+
+
+def requantize_expr_i32(v, m, shift, left: bool = True) -> tirx.PrimExpr:
+    """``requantize_expr`` on an int32 ``v`` whose ``v << max(shift, 0)`` fits int32 (``narrow_ok``), as
+    one 32x32->64 multiply, one add and one shift: with no SQRDMULH saturation possible, the two
+    roundings nest exactly, ``RSHR((a*M + 2**30) >> 31, n) == (a*M + 2**30 + [n > 0] 2**(30+n)) >> (31+n)``
+    (floor(floor(X / 2**31) + c) / 2**n) == floor((X + c 2**31) / 2**(31+n)) for an integer c).
+    ``left=False``: every shift of the layer is <= 0 (no left shift emitted). Returns int32."""
+    i32 = "int32"
+    shift = shift.astype(i32) if str(shift.dtype) != i32 else shift
+    zero = tirx.const(0, i32)
+    a = v << tirx.max(shift, zero) if left else v
+    right = tirx.max(zero - shift, zero).astype(I64)
+    rnd = c64(1 << 30) + tirx.Select(right > c64(0), c64(1) << (right + c64(30)), c64(0))
+    return ((a.astype(I64) * m.astype(I64) + rnd) >> (right + c64(31))).astype(i32)
+
+
 def epilogue(acc: te.Tensor, bias: te.Tensor | None, m: te.Tensor, shift: te.Tensor, zout: int,
-             act_min: int, act_max: int, name: str = "requant") -> te.Tensor:
-    """int32 accumulators [..., O] + bias[O] -> requantize per channel -> + zout -> clamp -> int8."""
+             act_min: int, act_max: int, name: str = "requant", narrow: bool | str = False) -> te.Tensor:
+    """int32 accumulators [..., O] + bias[O] -> requantize per channel -> + zout -> clamp -> int8.
+    ``narrow``: 32-bit arithmetic around one 32x32->64 multiply, only when ``narrow_ok`` holds;
+    ``"right"``: also every shift <= 0 (``narrow_mode``)."""
+    if narrow:
+        lo, hi = max(int(act_min), -128), min(int(act_max), 127)
+
+        def g(*idx):
+            o = idx[-1]
+            v = acc[idx] if bias is None else acc[idx] + bias[o]
+            y = requantize_expr_i32(v, m[o], shift[o], left=narrow != "right") + tirx.const(int(zout), "int32")
+            return tirx.Cast("int8", tirx.min(tirx.max(y, tirx.const(lo, "int32")), tirx.const(hi, "int32")))
+
+        return te.compute(acc.shape, g, name=name)
 
     def f(*idx):
         o = idx[-1]

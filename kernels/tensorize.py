@@ -154,3 +154,78 @@ def schedule_gemm(sch, intrin: str, threads: int = 1, row_block: int = 4) -> Non
         sch.compute_inline(sch.get_sblock("acc"))
     except Exception:  # noqa: BLE001 - not every caller has the reshape stage
         pass
+
+
+def _extent(sch, loop) -> int:
+    return int(sch.get(loop).extent)
+
+
+def _divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is <= ``limit``."""
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def _vector_split(sch, loop, widths=(64, 32, 16, 8, 4)):
+    """Vectorize ``loop`` by the widest of ``widths`` dividing its extent (returns the outer loop)."""
+    ext = _extent(sch, loop)
+    for v in widths:
+        if ext % v == 0 and ext >= v:
+            if ext == v:
+                sch.vectorize(loop)
+                return None
+            outer, inner = sch.split(loop, [None, v])
+            sch.vectorize(inner)
+            return outer
+    return loop
+
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:  # noqa: BLE001 - TVM raises its own error type
+        return False
+
+
+def schedule_rowwise(sch, block, parallel_axes: int = 2) -> None:
+    """A spatial block over [N, H, W, C]-like loops: the first ``parallel_axes`` loops fused and
+    parallel, the innermost vectorized."""
+    loops = sch.get_loops(block)
+    if len(loops) > parallel_axes:
+        sch.parallel(sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0])
+    _vector_split(sch, sch.get_loops(block)[-1])
+
+
+def schedule_conv(sch, intrin: str, ow_block: int = 8, oc_block: int = 2) -> None:
+    """Tensorize ``kernels.conv2d.conv2d_dot``: rows (n, oh) parallel; per tile of ``ow_block`` output
+    columns x ``oc_block`` channel blocks the accumulators stay in registers across the (kh, kw, I/kb)
+    reduction, the intrinsic does (nb x kb); the requantization epilogue runs per column tile while
+    the accumulators are in cache."""
+    blk = sch.get_sblock("conv_acc")
+    b, i, j, ob, oi, rh, rw, rco, rci = sch.get_loops(blk)
+    jo, jw = sch.split(j, [None, _divisor(_extent(sch, j), ow_block)])
+    on = _extent(sch, ob)
+    obo, obi = sch.split(ob, [None, oc_block if on % oc_block == 0 else 1])
+    sch.reorder(b, i, jo, obo, rh, rw, rco, jw, obi, oi, rci)
+    row = sch.fuse(b, i)
+    sch.parallel(row)
+    sch.compute_inline(sch.get_sblock("acc"))
+    req = sch.get_sblock("requant")
+    sch.reverse_compute_at(req, jo)
+    px, ch = sch.get_loops(req)[-2:]
+    cho = _vector_split(sch, ch, (16, 8, 4))
+    if cho is not None:  # channel blocks outside the pixels: per-channel constants stay in registers
+        sch.reorder(cho, px)
+    sch.decompose_reduction(blk, rh)
+    sch.tensorize(oi, intrin)
+    sch.unroll(jw)
+    sch.unroll(obi)
+    act = sch.get_sblock("act")
+    schedule_rowwise(sch, act)
+    if _has_block(sch, "w_unpack"):
+        unp = sch.get_sblock("w_unpack")
+        *outer, oi, ri = sch.get_loops(unp)
+        e = sch.fuse(oi, ri)
+        half = _extent(sch, e) // 2
+        _, ei = sch.split(e, [2, half])  # one nibble per half tile (``int4.pack_int4_tiles``)
+        sch.vectorize(ei)

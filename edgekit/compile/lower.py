@@ -26,6 +26,7 @@ from kernels import int4 as kint4
 from kernels import layout as klayout
 from kernels import pool as kpool
 from kernels import requant as kreq
+from kernels import schedule as ksched
 from kernels import tensorize as ktz
 
 SUPPORTED = {"quantize", "conv2d", "dense", "add", "mul", "requantize", "maxpool", "avgpool", "concat", "pad",
@@ -66,11 +67,12 @@ class _Lowerer:
         self.batch = batch
         self.intrin = intrin
         self.threads = threads
-        self.scheduled: dict[str, str] = {}  # primfunc name hint -> intrinsic it is tensorized with
+        self.scheduled: dict[str, tuple[str, str]] = {}  # primfunc name hint -> (schedule kind, intrinsic)
         self.bb = relax.BlockBuilder()
         self.env: dict[str, relax.Expr] = {}
         self.weight_bytes = 0
         self.kernels: dict[str, str] = {}
+        self.last_hint = ""
 
     def zp(self, t: str) -> int:
         return int(self.qm.tensors[t].zero_point or 0)
@@ -84,7 +86,10 @@ class _Lowerer:
 
     def emit(self, family: str, node: QNode, fn, *args, **kw) -> relax.Expr:
         hint = f"{family}_{_name(node.name)}"
+        if hint in self.kernels:  # names truncated to 48 characters may collide
+            hint = f"{hint}_{len(self.kernels)}"
         self.kernels[hint] = family
+        self.last_hint = hint
         return self.bb.emit_te(fn, *args, primfunc_name_hint=hint, **kw)
 
     def weight(self, node: QNode) -> tuple[np.ndarray, relax.Expr, int]:
@@ -98,9 +103,13 @@ class _Lowerer:
         self.weight_bytes += w.nbytes
         return w, relax.const(np.ascontiguousarray(w)), 8
 
-    def rescale(self, node: QNode, o: int) -> tuple[relax.Expr, relax.Expr]:
+    def rescale_np(self, node: QNode, o: int) -> tuple[np.ndarray, np.ndarray]:
         m = _vec(self.qm.constants[node.params["multiplier"]], o)
         s = _vec(self.qm.constants[node.params["shift"]], o)
+        return m, s
+
+    def rescale(self, node: QNode, o: int) -> tuple[relax.Expr, relax.Expr]:
+        m, s = self.rescale_np(node, o)
         return relax.const(m), relax.const(s)
 
     # ---- operators ----------------------------------------------------------------
@@ -118,6 +127,10 @@ class _Lowerer:
                       pads=a.get("pads", (0, 0, 0, 0)), zin=zin, zout=zout,
                       act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
         depthwise = g > 1 and ipg == 1 and g == c
+        if g == 1 and self.intrin is not None:
+            return self.conv2d_dot(node, x, w, bits, m, s, common)
+        if depthwise:
+            return self.depthwise(node, x, w, bits, bias, m, s, common)
 
         def fn(xt, wt, bt, mt, st):
             if bits == 4:
@@ -128,6 +141,48 @@ class _Lowerer:
 
         family = ("depthwise" if depthwise else "conv2d") + ("_int4" if bits == 4 else "")
         return self.emit(family, node, fn, x, wc, relax.const(bias), m, s)
+
+    def depthwise(self, node: QNode, x, w: np.ndarray, bits: int, bias: np.ndarray, m, s, common: dict):
+        """Depthwise conv over weights transposed to [KH, KW, O] (channels vectorize); int4 stays packed."""
+        o, kh, kw, _ = w.shape
+        wt = kdw.pack_weight_hwo(w)
+        wc = kint4.pack_int4(wt) if bits == 4 else wt
+        narrow = kreq.narrow_mode(w, bias, *self.rescale_np(node, o), act_span=128)
+
+        def fn(xt, wt_, bt, mt, st):
+            if bits == 4:
+                wt_ = kint4.unpack_int4_te(wt_, (kh, kw, o))
+            return kdw.depthwise_conv2d_hwo(xt, wt_, bt, mt, st, narrow=narrow, **common)
+
+        return self.emit("depthwise" + ("_int4" if bits == 4 else ""), node, fn, x, relax.const(wc),
+                         relax.const(bias), m, s)
+
+    def conv2d_dot(self, node: QNode, x, w: np.ndarray, bits: int, m, s, common: dict) -> relax.Expr:
+        """groups == 1 conv over weights packed for the target's dot-product intrinsic (int4 weights
+        stay packed two per byte in the blocked layout and are unpacked in the kernel)."""
+        act, nb, kb = ktz.LAYOUTS[self.intrin]
+        wp = kconv.pack_weight_dot(w, nb, kb)
+        zin = common["zin"]
+        bias = kconv.fold_input_zero_point_dot(np.asarray(self.qm.constants[node.params["bias"]]), w, zin,
+                                               act == "uint8")
+        if bits == 4:
+            wc = kint4.pack_int4_tiles(wp)
+            self.weight_bytes += wc.nbytes - kint4.packed_nbytes(w.shape)
+        else:
+            wc = wp
+            self.weight_bytes += wp.nbytes - w.nbytes  # the packed (padded) layout is what is stored
+        o = w.shape[0]
+        narrow = kreq.narrow_mode(w, bias, *self.rescale_np(node, o), act_span=255 if act == "uint8" else 128)
+
+        def fn(xt, wt, bt, mt, st):
+            if bits == 4:
+                wt = kint4.unpack_int4_tiles_te(wt, wp.shape)
+            return kconv.conv2d_dot(xt, wt, bt, mt, st, out_channels=o, act_dtype=act, narrow=narrow, **common)
+
+        family = f"conv2d_{self.intrin}" + ("_int4" if bits == 4 else "")
+        y = self.emit(family, node, fn, x, relax.const(wc), relax.const(bias), m, s)
+        self.scheduled[self.last_hint] = ("conv", self.intrin)
+        return y
 
     def dense(self, node: QNode) -> relax.Expr:
         a = node.attrs
@@ -152,7 +207,7 @@ class _Lowerer:
                 return ktz.dense_tensorized(xt, wt, bt, mt, st, out_features=o, act_dtype=act, **kw)
 
             y = self.emit("dense_" + self.intrin, node, fnt, x, relax.const(wp), relax.const(bias_t), m, s)
-            self.scheduled[f"dense_{self.intrin}_{_name(node.name)}"] = self.intrin
+            self.scheduled[self.last_hint] = ("gemm", self.intrin)
         else:
             def fn(xt, wt, bt, mt, st):
                 if bits == 4:
@@ -273,14 +328,20 @@ class _Lowerer:
         for gv in list(mod.functions.keys()):
             if gv.name_hint in self.scheduled:
                 mod[gv] = _schedule_tensorized(mod[gv], self.scheduled[gv.name_hint], self.threads)
+            elif gv.name_hint in self.kernels and isinstance(mod[gv], tvm.tirx.PrimFunc):
+                mod[gv] = ksched.schedule_family(mod[gv], self.kernels[gv.name_hint])
         return Lowered(mod, in_infos, out_infos, self.weight_bytes, self.kernels)
 
 
-def _schedule_tensorized(func, intrin: str, threads: int):
+def _schedule_tensorized(func, how: tuple[str, str], threads: int):
     from tvm import s_tir
 
+    kind, intrin = how
     sch = s_tir.Schedule(func)
-    ktz.schedule_gemm(sch, intrin, threads=threads)
+    if kind == "conv":
+        ktz.schedule_conv(sch, intrin)
+    else:
+        ktz.schedule_gemm(sch, intrin, threads=threads)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 

@@ -1,0 +1,90 @@
+"""Hand schedules for the kernels that are not tensorized: depthwise conv2d (channels vectorized,
+a tile of output columns accumulated in registers), pooling and the elementwise / data-movement
+kernels (rows parallel, innermost axis vectorized). ``schedule_family`` picks one by kernel family
+and leaves a kernel unscheduled (still correct, only slower) when TVM refuses a schedule.
+"""
+
+from __future__ import annotations
+
+from kernels.tensorize import _divisor, _extent, _has_block, _vector_split, schedule_rowwise
+
+ELEMENTWISE = {"add", "mul", "requantize", "concat", "pad", "transpose", "lut", "clamp"}
+
+
+def _vec_width(n: int, widths=(32, 16, 8, 4)) -> int:
+    return next((v for v in widths if n % v == 0), 1)
+
+
+def schedule_depthwise(sch, ow_block: int = 8) -> None:
+    """Depthwise conv: rows parallel; per tile of ``ow_block`` columns x one channel vector the int32
+    accumulators stay in registers across the (kh, kw) window; the epilogue follows per tile."""
+    acc = sch.get_sblock("dw_acc")
+    b, i, j, oc, rh, rw = sch.get_loops(acc)
+    jo, ji = sch.split(j, [None, _divisor(_extent(sch, j), ow_block)])
+    oco, oci = sch.split(oc, [None, _vec_width(_extent(sch, oc))])
+    sch.reorder(b, i, jo, oco, rh, rw, ji, oci)
+    sch.parallel(sch.fuse(b, i))
+    req = sch.get_sblock("requant")
+    sch.reverse_compute_at(req, oco)
+    sch.vectorize(sch.get_loops(req)[-1])
+    sch.unroll(ji)
+    sch.vectorize(oci)  # before decompose_reduction: TVM refuses to vectorize an init-less update block
+    sch.decompose_reduction(acc, rh)
+    for stage in ("pad", "w_unpack"):
+        if _has_block(sch, stage):
+            schedule_rowwise(sch, sch.get_sblock(stage))
+
+
+def schedule_pool(sch) -> None:
+    """Max / average pooling: the window reduction with the channels innermost (vectorized)."""
+    for name in ("maxpool", "pool_sum"):
+        if not _has_block(sch, name):
+            continue
+        blk = sch.get_sblock(name)
+        b, i, j, ch, rh, rw = sch.get_loops(blk)
+        sch.reorder(rh, rw, ch)
+        _vector_split(sch, ch)
+        sch.decompose_reduction(blk, rh)
+    for name in ("avgpool", "clamp", "pad"):
+        if _has_block(sch, name):
+            schedule_rowwise(sch, sch.get_sblock(name))
+
+
+def schedule_elementwise(sch, name: str) -> None:
+    """One spatial block (after inlining helpers): all loops fused, split into (parallel, vector)."""
+    blk = sch.get_sblock(name)
+    loops = sch.get_loops(blk)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    n = _extent(sch, fused)
+    v = _vec_width(n, (64, 32, 16, 8, 4))
+    if v == 1:
+        sch.parallel(fused)
+        return
+    outer, inner = sch.split(fused, [None, v])
+    sch.vectorize(inner)
+    if _extent(sch, outer) >= 16:
+        sch.parallel(outer)
+
+
+def schedule_family(func, family: str):
+    """``func`` scheduled for its kernel ``family`` (marked ``tirx.is_scheduled`` so tuning leaves it),
+    or ``func`` unchanged when the family has no hand schedule or TVM rejects it."""
+    from tvm import s_tir
+
+    base = family.removesuffix("_int4")
+    sch = s_tir.Schedule(func)
+    try:
+        if base == "depthwise":
+            schedule_depthwise(sch)
+        elif base == "pool":
+            schedule_pool(sch)
+        elif base in ELEMENTWISE:
+            names = [b for b in sorted(ELEMENTWISE) if _has_block(sch, b)]
+            if len(names) != 1:
+                return func
+            schedule_elementwise(sch, names[0])
+        else:
+            return func
+    except Exception:  # noqa: BLE001 - an unschedulable kernel stays correct, just unscheduled
+        return func
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

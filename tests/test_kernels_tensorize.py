@@ -67,3 +67,124 @@ def test_dense_layers_use_the_targets_intrinsic(target, family):
     low = lower(synth.resnet8(0, 8), 1, t)
     want = family or ("dense_" + kt.VNNI_INTRIN if kt.intrin_for(t) == kt.VNNI_INTRIN else "dense")
     assert want in set(low.kernels.values())
+
+
+# ---- tensorized conv2d (packed [O/nb, KH, KW, I/kb, nb, kb] weights) -----------------------------
+
+def _odd_conv_graph(bits: int = 8, seed: int = 7):
+    """Channels that are not multiples of the tile (3, 6, 20, 12), stride 2, 'valid' and 'same' padding,
+    a -128 weight, a dilated and an asymmetrically padded layer, a depthwise layer between."""
+    g = synth.GraphBuilder(f"odd_conv_w{bits}", seed=seed, weight_bits=bits)
+    x = g.input((1, 11, 9, 3))
+    x = g.conv(x, 20, 3, 2)
+    if bits == 8:
+        g.qm.constants[g.qm.nodes[-1].params["weight"]][0, 0, 0, 0] = -128
+    x = g.conv(x, 6, 1)
+    x = g.conv(x, 6, 3, 1, groups=6)
+    x = g.conv(x, 12, 3, 2, pad="valid")
+    y = g.conv(x, 12, 3)
+    node = g.qm.nodes[-1]
+    node.attrs["dilations"] = [2, 2]
+    node.attrs["pads"] = [2, 1, 2, 3]
+    n, h, w, _ = g.shapes[x]
+    g.qm.tensors[y].shape = [None, h + 4 - 4, w + 4 - 4, 12]
+    g.shapes[y] = (n, h, w, 12)
+    y = g.conv(y, 5, 1, relu=False)
+    return g.output(y)
+
+
+def _check_host(qm, batch: int = 1, n: int = 3):
+    from tvm import relax
+
+    low = lower(qm, batch, HOST)
+    vm = relax.VirtualMachine(tvm.compile(low.mod, HOST), tvm.cpu())
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        x = rng.integers(-128, 128, size=low.inputs[0]["shape"]).astype(np.int8)
+        ref = qm.run(x, integer=True)[qm.outputs[0].name]
+        np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ref)
+    return low
+
+
+def test_pack_weight_dot_layout():
+    from kernels.conv2d import pack_weight_dot
+
+    w = np.arange(5 * 3 * 3 * 7, dtype=np.int64).reshape(5, 3, 3, 7).astype(np.int8)
+    wp = pack_weight_dot(w, 4, 4)
+    assert wp.shape == (2, 3, 3, 2, 4, 4)
+    assert wp[1, 2, 0, 1, 0, 2] == w[4, 2, 0, 6] and wp[1, 2, 0, 1, 1, 2] == 0 and wp[0, 1, 1, 1, 3, 3] == 0
+
+
+@pytest.mark.skipif(kt.intrin_for(HOST) != kt.VNNI_INTRIN, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_vnni_conv_odd_shapes_bit_exact(bits):
+    low = _check_host(_odd_conv_graph(bits))
+    fams = set(low.kernels.values())
+    assert "conv2d_" + kt.VNNI_INTRIN + ("_int4" if bits == 4 else "") in fams
+
+
+@pytest.mark.skipif(kt.intrin_for(HOST) != kt.VNNI_INTRIN, reason="this CPU has no AVX-512 VNNI")
+def test_vnni_conv_wide_epilogue_and_batch():
+    """Left shifts and tiny rescales (the 64-bit epilogue) and batch 2 through the tensorized conv."""
+    from edgekit.quant import arith
+
+    g = synth.GraphBuilder("shifts_dot", seed=5)
+    x = g.input((2, 6, 6, 8))
+    y = g.conv(x, 16, 3)
+    node = g.qm.nodes[-1]
+    ms, ss = zip(*(arith.quantize_multiplier(float(r)) for r in np.geomspace(2.0 ** -33, 3.0, 16)), strict=True)
+    g.qm.constants[node.params["multiplier"]] = np.array(ms, np.int32)
+    g.qm.constants[node.params["shift"]] = np.array(ss, np.int32)
+    _check_host(g.output(y), batch=2)
+
+
+def test_narrow_epilogue_matches_arith():
+    """``requantize_expr_i32`` (one 32x32->64 multiply, nested roundings folded) against ``arith.requantize``
+    on every right shift, extreme multipliers and accumulators at the int32 edge, and small left shifts."""
+    from edgekit.quant import arith
+    from kernels.requant import requantize_expr_i32
+
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([np.array([0, 1, -1, 2**31 - 1, -(2**31), 2**30, -(2**30), 12345, -12345], np.int64),
+                         rng.integers(-(2**31), 2**31, size=55)])
+    shifts = np.arange(-31, 4, dtype=np.int32)
+    mults = np.array([0, 1 << 30, (1 << 31) - 1, 1518500250, 1 << 30 | 1, -(2**31) + 1, 7] * 5, np.int32)[: shifts.size]
+    n, c = xs.size, shifts.size
+    X = te.placeholder((n, c), "int32", name="x")
+    M = te.placeholder((c,), "int32", name="m")
+    S = te.placeholder((c,), "int32", name="s")
+    Y = te.compute((n, c), lambda i, j: requantize_expr_i32(X[i, j], M[j], S[j]), name="y")
+    f = tvm.compile(tvm.IRModule({"main": te.create_prim_func([X, M, S, Y])}), HOST)
+    xv = np.repeat(xs[:, None], c, axis=1)
+    xv = np.where(shifts[None, :] > 0, xv >> np.maximum(shifts[None, :], 0), xv).astype(np.int32)  # narrow_ok
+    out = tvm.runtime.tensor(np.zeros((n, c), np.int32))
+    f(tvm.runtime.tensor(xv), tvm.runtime.tensor(mults), tvm.runtime.tensor(shifts), out)
+    np.testing.assert_array_equal(out.numpy(), arith.requantize(xv, mults, shifts))
+
+
+def test_narrow_ok_bounds():
+    from kernels.requant import narrow_ok
+
+    w = np.full((2, 3, 3, 64), 127, np.int8)
+    b = np.zeros(2, np.int32)
+    m = np.full(2, 1 << 30, np.int32)
+    assert narrow_ok(w, b, m, np.array([-8, 0]))
+    assert not narrow_ok(w, b, m, np.array([-8, 12]))  # 255 * 127 * 576 << 12 overflows int32
+    assert not narrow_ok(w, b, np.array([-(2**31), 1], np.int32), np.array([-8, 0]))
+    assert not narrow_ok(w, b, m, np.array([-32, 0]))
+
+
+@pytest.mark.parametrize("target", ["rpi4", "rpi5"])
+def test_arm_conv_odd_shapes_bit_exact_under_qemu(target, tmp_path):
+    """NEON (rpi4) and sdot (rpi5) tensorized convs, int8 and int4, under qemu-user."""
+    from edgekit.compile import compile_model, emulate
+
+    if not emulate.available():
+        pytest.skip("needs qemu-user, aarch64-linux-gnu-g++ and the cached aarch64 TVM runtime")
+    intrin = kt.intrin_for(get_target(target).tvm_target())
+    for bits in (8, 4):
+        res = compile_model(_odd_conv_graph(bits), target, tmp_path / f"odd{bits}.{target}.tar", verify=True,
+                            verify_inputs=3)
+        ex = res.manifest["extra"]
+        assert ex["verified"]["mismatches"] == 0 and ex["verified"]["how"].startswith("qemu-user")
+        assert "conv2d_" + intrin + ("_int4" if bits == 4 else "") in ex["kernels"]

@@ -10,6 +10,10 @@ All three produce a ``QParams`` (smoothing, clipping, activation ranges) and the
 - ``mobilequant``: SmoothQuant as the start, then smoothing scales and shifts, weight clipping and
   activation ranges learned jointly over all layers (``edgekit.llm.learn``, torch), loss = MSE of the
   final hidden states against the float model.
+
+Weights: per-channel symmetric int8 / int4, or (4-bit, ``Scheme.group_size`` > 0) progressive group-wise
+int4 (``group_int4``; the grid is ``sim.group_grid``, the same one the learning step rounds to), rounded
+to nearest or, optionally, with GPTQ (``gptq_group_int4``).
 """
 
 from __future__ import annotations

@@ -167,6 +167,15 @@ class TorchOps:
     def np(self, x: Any) -> np.ndarray:
         return x.detach().cpu().numpy() if isinstance(x, self.t.Tensor) else np.asarray(x)
 
+    def recompute(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` without keeping its intermediates for backward (recomputed there): the weight fake
+        quantizers' temporaries are a few copies of every weight matrix."""
+        if not self.t.is_grad_enabled() or not any(isinstance(a, self.t.Tensor) and a.requires_grad for a in args):
+            return fn(*args)
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(fn, *args, use_reentrant=False)
+
 
 def torch_model(model: LlamaModel) -> LlamaModel:
     """The same model with torch float32 tensors (converted once, for the torch backend)."""
@@ -355,7 +364,16 @@ def sim_forward(
         return y
 
     def lin(x: Any, w: Any, bias: Any, clip: Any) -> Any:
-        wq = fake_quant_weight(ops, w, clip, scheme.weight_bits, scheme.group_size) if quant_w else w
+        if not quant_w:
+            return x @ w.T + bias
+        if hasattr(ops, "recompute"):
+            wq = ops.recompute(
+                lambda w_, c_: fake_quant_weight(ops, w_, c_, scheme.weight_bits, scheme.group_size),
+                w,
+                ops.asarray(clip),
+            )
+        else:
+            wq = fake_quant_weight(ops, w, clip, scheme.weight_bits, scheme.group_size)
         return x @ wq.T + bias
 
     def rms(x: Any, w: Any, bias: Any) -> Any:

@@ -7,6 +7,8 @@ inner loop is a plain int8 x int8 -> int32 dot product (what ``sdot``/``vpdpbusd
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import te, tirx
 
@@ -41,75 +43,66 @@ def pad_nhwc(x: te.Tensor, pads, fill: int, name: str = "pad") -> te.Tensor:
     return te.compute((n, h + top + bottom, w + left + right, c), f, name=name)
 
 
-def conv2d_acc(x: te.Tensor, w: te.Tensor, *, strides, dilations, pads, zin: int, groups: int = 1) -> te.Tensor:
-    """int32 accumulators [N, OH, OW, O] of an NHWC conv with weights [O, KH, KW, I/groups]."""
-    n, h, wd, c = (int(d) for d in x.shape)
-    o, kh, kw, ipg = (int(d) for d in w.shape)
+@dataclass(frozen=True)
+class Window:
+    """A sliding window over an NHWC tensor: sizes, strides, dilations, padding and output size, shared
+    by conv2d, depthwise and pooling. ``src(i, j, rh, rw)`` is the (row, column) an output position and a
+    window offset read in the padded input."""
+
+    n: int
+    h: int
+    w: int
+    c: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    dh: int
+    dw: int
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    oh: int
+    ow: int
+
+    def src(self, i, j, rh, rw):
+        return i * self.sh + rh * self.dh, j * self.sw + rw * self.dw
+
+    def reduce_axes(self):
+        return te.reduce_axis((0, self.kh), "rh"), te.reduce_axis((0, self.kw), "rw")
+
+
+def window(x: te.Tensor, kernel, strides, dilations, pads) -> Window:
+    n, h, w, c = (int(d) for d in x.shape)
+    kh, kw = (int(k) for k in kernel)
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilations)
-    oh = out_size(h, kh, sh, dh, pads[0], pads[2])
-    ow = out_size(wd, kw, sw, dw, pads[1], pads[3])
+    top, left, bottom, right = (int(p) for p in pads)
+    return Window(n, h, w, c, kh, kw, sh, sw, dh, dw, (top, left, bottom, right),
+                  out_size(h, kh, sh, dh, top, bottom), out_size(w, kw, sw, dw, left, right))
+
+
+def conv2d_acc(x: te.Tensor, w: te.Tensor, *, strides, dilations, pads, zin: int, groups: int = 1) -> te.Tensor:
+    """int32 accumulators [N, OH, OW, O] of an NHWC conv with weights [O, KH, KW, I/groups]."""
+    o, kh, kw, ipg = (int(d) for d in w.shape)
+    g = window(x, (kh, kw), strides, dilations, pads)
     xp = pad_nhwc(x, pads, zin)
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
+    rh, rw = g.reduce_axes()
     rc = te.reduce_axis((0, ipg), "rc")
     opg = o // groups
 
     def chan(oc, r):
         return r if groups == 1 else (oc // opg) * ipg + r
 
-    return te.compute(
-        (n, oh, ow, o),
-        lambda b, i, j, oc: te.sum(
-            xp[b, i * sh + rh * dh, j * sw + rw * dw, chan(oc, rc)].astype("int32") * w[oc, rh, rw, rc].astype("int32"),
-            axis=[rh, rw, rc],
-        ),
-        name="conv_acc",
-    )
+    def f(b, i, j, oc):
+        y, xx = g.src(i, j, rh, rw)
+        return te.sum(xp[b, y, xx, chan(oc, rc)].astype("int32") * w[oc, rh, rw, rc].astype("int32"), axis=[rh, rw, rc])
+
+    return te.compute((g.n, g.oh, g.ow, o), f, name="conv_acc")
 
 
 def conv2d_nhwc(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, strides, dilations,
                 pads, groups: int, zin: int, zout: int, act_min: int, act_max: int) -> te.Tensor:
     """Fused conv2d + requantize (bias must already hold the folded input zero point)."""
     acc = conv2d_acc(x, w, strides=strides, dilations=dilations, pads=pads, zin=zin, groups=groups)
-    return epilogue(acc, bias, m, shift, zout, act_min, act_max)
-
-
-# ---- packed layout: output channels blocked, [O/b, KH, KW, I, b] -------------------------
-
-def pack_weight_oblock(weight: np.ndarray, block: int) -> np.ndarray:
-    """[O, KH, KW, I] -> [ceil(O/b), KH, KW, I, b] (zero-padded output channels)."""
-    o, kh, kw, i = weight.shape
-    ob = -(-o // block)
-    wp = np.zeros((ob * block, kh, kw, i), weight.dtype)
-    wp[:o] = weight
-    return np.ascontiguousarray(wp.reshape(ob, block, kh, kw, i).transpose(0, 2, 3, 4, 1))
-
-
-def conv2d_nhwc_packed(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *,
-                       out_channels: int, strides, dilations, pads, zin: int, zout: int, act_min: int,
-                       act_max: int) -> te.Tensor:
-    """conv2d (groups == 1) over weights packed by ``pack_weight_oblock``: the innermost axis is
-    ``b`` consecutive output channels, so the reduction vectorizes over output channels."""
-    n, h, wd, c = (int(d) for d in x.shape)
-    _, kh, kw, ipg, blk = (int(d) for d in wp.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    oh = out_size(h, kh, sh, dh, pads[0], pads[2])
-    ow = out_size(wd, kw, sw, dw, pads[1], pads[3])
-    xp = pad_nhwc(x, pads, zin)
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-    rc = te.reduce_axis((0, ipg), "rc")
-    acc = te.compute(
-        (n, oh, ow, out_channels),
-        lambda b, i, j, oc: te.sum(
-            xp[b, i * sh + rh * dh, j * sw + rw * dw, rc].astype("int32")
-            * wp[oc // blk, rh, rw, rc, oc % blk].astype("int32"),
-            axis=[rh, rw, rc],
-        ),
-        name="conv_acc",
-    )
     return epilogue(acc, bias, m, shift, zout, act_min, act_max)
 
 
@@ -141,13 +134,10 @@ def conv2d_dot(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift
     by +128 for u8 activations; padded cells hold ``zin`` [+128]), ``conv_acc`` and ``requant``.
     The bias must come from ``fold_input_zero_point_dot`` with the same ``unsigned``; ``narrow``: the
     32-bit epilogue (``requant.narrow_ok`` must hold)."""
-    n, h, wd, c = (int(d) for d in x.shape)
     on, kh, kw, ib, nb, kb = (int(d) for d in wp.shape)
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    top, left, bottom, right = (int(p) for p in pads)
-    oh = out_size(h, kh, sh, dh, top, bottom)
-    ow = out_size(wd, kw, sw, dw, left, right)
+    g = window(x, (kh, kw), strides, dilations, pads)
+    n, h, wd, c = g.n, g.h, g.w, g.c
+    top, left, bottom, right = g.pads
     cp = ib * kb
     unsigned = act_dtype == "uint8"
     fill = tirx.const(int(zin) + (128 if unsigned else 0), act_dtype)
@@ -162,18 +152,16 @@ def conv2d_dot(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift
         return v if cp == c else tirx.if_then_else(ch < c, v, zero)
 
     xa = te.compute((n, h + top + bottom, wd + left + right, cp), act, name="act")
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
+    rh, rw = g.reduce_axes()
     rco = te.reduce_axis((0, ib), "rco")
     rci = te.reduce_axis((0, kb), "rci")
-    acc = te.compute(
-        (n, oh, ow, on, nb),
-        lambda b, i, j, ob, oi: te.sum(
-            xa[b, i * sh + rh * dh, j * sw + rw * dw, rco * kb + rci].astype("int32")
-            * wp[ob, rh, rw, rco, oi, rci].astype("int32"),
-            axis=[rh, rw, rco, rci],
-        ),
-        name="conv_acc",
-    )
-    view = te.compute((n, oh, ow, out_channels), lambda b, i, j, oc: acc[b, i, j, oc // nb, oc % nb], name="acc")
+
+    def f(b, i, j, ob, oi):
+        y, xx = g.src(i, j, rh, rw)
+        return te.sum(xa[b, y, xx, rco * kb + rci].astype("int32") * wp[ob, rh, rw, rco, oi, rci].astype("int32"),
+                      axis=[rh, rw, rco, rci])
+
+    acc = te.compute((n, g.oh, g.ow, on, nb), f, name="conv_acc")
+    view = te.compute((n, g.oh, g.ow, out_channels), lambda b, i, j, oc: acc[b, i, j, oc // nb, oc % nb],
+                      name="acc")
     return epilogue(view, bias, m, shift, zout, act_min, act_max, narrow=narrow)

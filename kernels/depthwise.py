@@ -1,7 +1,8 @@
 """NHWC int8 depthwise conv2d (groups == channels, channel multiplier ``O // C``) + requantize.
 
-Weights arrive as the QuantModel stores them, [O, KH, KW, 1]; output channel ``o`` reads
-input channel ``o // multiplier``. The input zero point is folded into the bias as in conv2d.
+Weights arrive as the QuantModel stores them, [O, KH, KW, 1], and are transposed at compile time to
+[KH, KW, O] (``pack_weight_hwo``) so a vector of output channels is one load; output channel ``o``
+reads input channel ``o // multiplier``. The input zero point is folded into the bias as in conv2d.
 """
 
 from __future__ import annotations
@@ -9,40 +10,8 @@ from __future__ import annotations
 import numpy as np
 from tvm import te
 
-from kernels.conv2d import out_size, pad_nhwc
+from kernels.conv2d import pad_nhwc, window
 from kernels.requant import epilogue
-
-
-def depthwise_acc(x: te.Tensor, w: te.Tensor, *, strides, dilations, pads, zin: int) -> te.Tensor:
-    n, h, wd, c = (int(d) for d in x.shape)
-    o, kh, kw, _ = (int(d) for d in w.shape)
-    mult = o // c
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    oh = out_size(h, kh, sh, dh, pads[0], pads[2])
-    ow = out_size(wd, kw, sw, dw, pads[1], pads[3])
-    xp = pad_nhwc(x, pads, zin)
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-
-    def ch(oc):
-        return oc if mult == 1 else oc // mult
-
-    return te.compute(
-        (n, oh, ow, o),
-        lambda b, i, j, oc: te.sum(
-            xp[b, i * sh + rh * dh, j * sw + rw * dw, ch(oc)].astype("int32") * w[oc, rh, rw, 0].astype("int32"),
-            axis=[rh, rw],
-        ),
-        name="dw_acc",
-    )
-
-
-def depthwise_conv2d_nhwc(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, strides,
-                          dilations, pads, zin: int, zout: int, act_min: int, act_max: int) -> te.Tensor:
-    """Fused depthwise conv2d + requantize (bias holds the folded input zero point)."""
-    acc = depthwise_acc(x, w, strides=strides, dilations=dilations, pads=pads, zin=zin)
-    return epilogue(acc, bias, m, shift, zout, act_min, act_max)
 
 
 def pack_weight_hwo(weight: np.ndarray) -> np.ndarray:
@@ -53,28 +22,18 @@ def pack_weight_hwo(weight: np.ndarray) -> np.ndarray:
 def depthwise_conv2d_hwo(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, strides,
                          dilations, pads, zin: int, zout: int, act_min: int, act_max: int,
                          narrow: bool | str = False) -> te.Tensor:
-    """``depthwise_conv2d_nhwc`` over ``pack_weight_hwo`` weights [KH, KW, O] (stages ``pad``, ``dw_acc``,
-    ``requant``; ``schedule.schedule_depthwise`` vectorizes the channels)."""
-    n, h, wd, c = (int(d) for d in x.shape)
+    """Fused depthwise conv2d + requantize over ``pack_weight_hwo`` weights [KH, KW, O] (bias holds the
+    folded input zero point). Stages ``pad``, ``dw_acc``, ``requant`` (``schedule.schedule_depthwise``)."""
     kh, kw, o = (int(d) for d in w.shape)
-    mult = o // c
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilations)
-    oh = out_size(h, kh, sh, dh, pads[0], pads[2])
-    ow = out_size(wd, kw, sw, dw, pads[1], pads[3])
+    g = window(x, (kh, kw), strides, dilations, pads)
+    mult = o // g.c
     xp = pad_nhwc(x, pads, zin)
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
+    rh, rw = g.reduce_axes()
 
-    def ch(oc):
-        return oc if mult == 1 else oc // mult
+    def f(b, i, j, oc):
+        y, xx = g.src(i, j, rh, rw)
+        ch = oc if mult == 1 else oc // mult
+        return te.sum(xp[b, y, xx, ch].astype("int32") * w[rh, rw, oc].astype("int32"), axis=[rh, rw])
 
-    acc = te.compute(
-        (n, oh, ow, o),
-        lambda b, i, j, oc: te.sum(
-            xp[b, i * sh + rh * dh, j * sw + rw * dw, ch(oc)].astype("int32") * w[rh, rw, oc].astype("int32"),
-            axis=[rh, rw],
-        ),
-        name="dw_acc",
-    )
+    acc = te.compute((g.n, g.oh, g.ow, o), f, name="dw_acc")
     return epilogue(acc, bias, m, shift, zout, act_min, act_max, narrow=narrow)

@@ -12,20 +12,20 @@ import numpy as np
 from tvm import te, tirx
 
 from edgekit.quant.arith import division_magic
-from kernels.conv2d import out_size, pad_nhwc
+from kernels.conv2d import out_size, pad_nhwc, window
 from kernels.requant import c64, clamp_i8
 
 
 def maxpool(x: te.Tensor, *, kernel, strides, pads, act_min: int = -128, act_max: int = 127) -> te.Tensor:
-    n, h, w, c = (int(d) for d in x.shape)
-    kh, kw = (int(k) for k in kernel)
-    sh, sw = (int(s) for s in strides)
-    oh, ow = out_size(h, kh, sh, 1, pads[0], pads[2]), out_size(w, kw, sw, 1, pads[1], pads[3])
+    g = window(x, kernel, strides, (1, 1), pads)
     xp = pad_nhwc(x, pads, -128)
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-    mx = te.compute((n, oh, ow, c), lambda b, i, j, ch: te.max(xp[b, i * sh + rh, j * sw + rw, ch], axis=[rh, rw]),
-                    name="maxpool")
+    rh, rw = g.reduce_axes()
+
+    def f(b, i, j, ch):
+        y, xx = g.src(i, j, rh, rw)
+        return te.max(xp[b, y, xx, ch], axis=[rh, rw])
+
+    mx = te.compute((g.n, g.oh, g.ow, g.c), f, name="maxpool")
     if act_min <= -128 and act_max >= 127:
         return mx
     return te.compute(mx.shape, lambda *i: clamp_i8(mx[i].astype("int64"), act_min, act_max), name="clamp")
@@ -54,18 +54,15 @@ def avgpool_tables(h: int, w: int, kernel, strides, pads) -> tuple[np.ndarray, n
 
 def avgpool(x: te.Tensor, half: te.Tensor, mb: te.Tensor, mk: te.Tensor, *, kernel, strides, pads,
             act_min: int = -128, act_max: int = 127) -> te.Tensor:
-    n, h, w, c = (int(d) for d in x.shape)
-    kh, kw = (int(k) for k in kernel)
-    sh, sw = (int(s) for s in strides)
-    oh, ow = out_size(h, kh, sh, 1, pads[0], pads[2]), out_size(w, kw, sw, 1, pads[1], pads[3])
+    g = window(x, kernel, strides, (1, 1), pads)
     xp = pad_nhwc(x, pads, 0)
-    rh = te.reduce_axis((0, kh), "rh")
-    rw = te.reduce_axis((0, kw), "rw")
-    acc = te.compute(
-        (n, oh, ow, c),
-        lambda b, i, j, ch: te.sum(xp[b, i * sh + rh, j * sw + rw, ch].astype("int32"), axis=[rh, rw]),
-        name="pool_sum",
-    )
+    rh, rw = g.reduce_axes()
+
+    def window_sum(b, i, j, ch):
+        y, xx = g.src(i, j, rh, rw)
+        return te.sum(xp[b, y, xx, ch].astype("int32"), axis=[rh, rw])
+
+    acc = te.compute((g.n, g.oh, g.ow, g.c), window_sum, name="pool_sum")
 
     def f(b, i, j, ch):
         v = acc[b, i, j, ch].astype("int64")
@@ -73,4 +70,4 @@ def avgpool(x: te.Tensor, half: te.Tensor, mb: te.Tensor, mk: te.Tensor, *, kern
         q = ((mag + half[i, j]) * mb[i, j]) >> mk[i, j]
         return clamp_i8(tirx.Select(v < c64(0), c64(0) - q, q), act_min, act_max)
 
-    return te.compute((n, oh, ow, c), f, name="avgpool")
+    return te.compute((g.n, g.oh, g.ow, g.c), f, name="avgpool")

@@ -135,11 +135,9 @@ class _Lowerer:
         def fn(xt, wt, bt, mt, st):
             if bits == 4:
                 wt = kint4.unpack_int4_te(wt, (o, kh, kw, ipg))
-            if depthwise:
-                return kdw.depthwise_conv2d_nhwc(xt, wt, bt, mt, st, **common)
             return kconv.conv2d_nhwc(xt, wt, bt, mt, st, groups=g, **common)
 
-        family = ("depthwise" if depthwise else "conv2d") + ("_int4" if bits == 4 else "")
+        family = "conv2d" + ("_int4" if bits == 4 else "")
         return self.emit(family, node, fn, x, wc, relax.const(bias), m, s)
 
     def depthwise(self, node: QNode, x, w: np.ndarray, bits: int, bias: np.ndarray, m, s, common: dict):

@@ -26,7 +26,9 @@ def schedule_depthwise(sch, ow_block: int = 8) -> None:
     sch.parallel(sch.fuse(b, i))
     req = sch.get_sblock("requant")
     sch.reverse_compute_at(req, oco)
-    sch.vectorize(sch.get_loops(req)[-1])
+    own = sch.get_loops(req)[3:]  # below (row, jo, oco): empty when the tile is 1 x 1
+    if own:
+        sch.vectorize(own[-1])
     sch.unroll(ji)
     sch.vectorize(oci)  # before decompose_reduction: TVM refuses to vectorize an init-less update block
     sch.decompose_reduction(acc, rh)

@@ -212,10 +212,10 @@ def schedule_conv(sch, intrin: str, ow_block: int = 8, oc_block: int = 2) -> Non
     sch.compute_inline(sch.get_sblock("acc"))
     req = sch.get_sblock("requant")
     sch.reverse_compute_at(req, jo)
-    px, ch = sch.get_loops(req)[-2:]
-    cho = _vector_split(sch, ch, (16, 8, 4))
-    if cho is not None:  # channel blocks outside the pixels: per-channel constants stay in registers
-        sch.reorder(cho, px)
+    inner = sch.get_loops(req)[2:]  # below (row, jo): [pixel (absent when 1 wide),] [channel (absent if 1)]
+    cho = _vector_split(sch, inner[-1], (16, 8, 4)) if inner else None
+    if cho is not None and len(inner) == 2:  # channel blocks outside the pixels: constants stay in registers
+        sch.reorder(cho, inner[0])
     sch.decompose_reduction(blk, rh)
     sch.tensorize(oi, intrin)
     sch.unroll(jw)

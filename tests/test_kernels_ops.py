@@ -124,3 +124,15 @@ def test_int4_unpack_matches_qmodel_format():
     out = tvm.runtime.tensor(np.zeros(w.shape, np.int8))
     f(tvm.runtime.tensor(packed), out)
     np.testing.assert_array_equal(out.numpy(), w)
+
+
+@pytest.mark.parametrize("shape,out,k,stride", [((1, 9, 11, 6), 6, 3, 1), ((1, 9, 11, 6), 12, 3, 1),
+                                                ((1, 7, 13, 16), 16, 3, 2), ((1, 3, 5, 48), 48, 5, 1)])
+def test_depthwise_schedule_edge_tiles(shape, out, k, stride):
+    """The vectorized depthwise schedule when the column tile and the channel vector are 1 wide (11
+    columns, 6 channels: nothing of the epilogue below the tile loop), multiplier 2, stride 2, 5x5."""
+    g = synth.GraphBuilder("dw_tiles", seed=1)
+    x = g.input(shape)
+    y = g.conv(x, out, k, stride, groups=shape[3])
+    low = _run(g.output(y), batch=1)
+    assert "depthwise" in set(low.kernels.values())

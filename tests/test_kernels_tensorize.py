@@ -72,11 +72,12 @@ def test_dense_layers_use_the_targets_intrinsic(target, family):
 # ---- tensorized conv2d (packed [O/nb, KH, KW, I/kb, nb, kb] weights) -----------------------------
 
 def _odd_conv_graph(bits: int = 8, seed: int = 7):
-    """Channels that are not multiples of the tile (3, 6, 20, 12), stride 2, 'valid' and 'same' padding,
-    a -128 weight, a dilated and an asymmetrically padded layer, a depthwise layer between."""
+    """Channels that are not multiples of the tile (3, 6, 20, 12), 11 output columns (a prime: the column
+    tile is 1 wide), stride 2, 'valid' and 'same' padding, a -128 weight, a dilated and an asymmetrically
+    padded layer, a depthwise layer between."""
     g = synth.GraphBuilder(f"odd_conv_w{bits}", seed=seed, weight_bits=bits)
-    x = g.input((1, 11, 9, 3))
-    x = g.conv(x, 20, 3, 2)
+    x = g.input((1, 9, 11, 3))
+    x = g.conv(x, 20, 3, 1)
     if bits == 8:
         g.qm.constants[g.qm.nodes[-1].params["weight"]][0, 0, 0, 0] = -128
     x = g.conv(x, 6, 1)

@@ -19,6 +19,8 @@ from edgekit.compile.tune import TuningError  # noqa: E402
 CHEAP = {"search": "replay"}
 
 
+# The tests tune the plain TE conv (tensorize=False): with the target's dot-product intrinsic every
+# kernel of this model is hand-scheduled and MetaSchedule has nothing to tune (last test).
 def _tiny(seed: int = 0):
     g = synth.GraphBuilder("tiny", seed=seed)
     x = g.input((1, 12, 12, 8))
@@ -29,7 +31,8 @@ def _tiny(seed: int = 0):
 def tuned(tmp_path_factory):
     """One tuning run (1 task, 2 trials) whose database the other tests reuse."""
     d = tmp_path_factory.mktemp("tune")
-    r = compile_model(_tiny(), "host", d / "t1.tar", tune=True, trials=2, tuning_dir=d / "db", tune_options=CHEAP)
+    r = compile_model(_tiny(), "host", d / "t1.tar", tune=True, trials=2, tuning_dir=d / "db", tune_options=CHEAP,
+                      tensorize=False)
     return d, r
 
 
@@ -44,7 +47,7 @@ def test_tune_bit_exact(tuned):
 
 def test_second_compile_reuses_the_database(tuned):
     d, r1 = tuned
-    r2 = compile_model(_tiny(), "host", d / "t2.tar", tune=True, trials=2, tuning_dir=d / "db")
+    r2 = compile_model(_tiny(), "host", d / "t2.tar", tune=True, trials=2, tuning_dir=d / "db", tensorize=False)
     ex2 = r2.manifest["extra"]
     assert ex2["tuning_trials_run"] == 0 and ex2["tuned_kernels"] == 1
     assert ex2["verified"]["mismatches"] == 0 and ex2["tuning_seconds"] < 10
@@ -63,7 +66,7 @@ def test_mismatching_tuned_build_falls_back_to_untuned(tuned, monkeypatch):
         return res
 
     monkeypatch.setattr(build, "verify_library", flaky)
-    r = compile_model(_tiny(), "host", d / "t3.tar", tune=True, trials=2, tuning_dir=d / "db")
+    r = compile_model(_tiny(), "host", d / "t3.tar", tune=True, trials=2, tuning_dir=d / "db", tensorize=False)
     ex = r.manifest["extra"]
     assert ex["tuned"] is False and "mismatching" in ex["tuning_rejected"]
     assert len(calls) == 2 and ex["verified"]["mismatches"] == 0
@@ -72,4 +75,15 @@ def test_mismatching_tuned_build_falls_back_to_untuned(tuned, monkeypatch):
 def test_cross_target_tuning_needs_a_device(tmp_path):
     with pytest.raises(TuningError, match="--rpc-tracker HOST:PORT --rpc-key KEY"):
         compile_model(_tiny(), "rpi4", tmp_path / "t.tar", tune=True, trials=2, tuning_dir=tmp_path / "db",
-                      verify=False)
+                      verify=False, tensorize=False)
+
+
+def test_hand_scheduled_model_has_nothing_to_tune(tmp_path):
+    from edgekit.compile.targets import get_target
+    from kernels.tensorize import intrin_for
+
+    if intrin_for(get_target("host").tvm_target()) is None:
+        pytest.skip("no dot-product intrinsic on this CPU: the conv is tuned, not hand-scheduled")
+    r = compile_model(_tiny(), "host", tmp_path / "t.tar", tune=True, trials=2, tuning_dir=tmp_path / "db")
+    ex = r.manifest["extra"]
+    assert ex["tuning_tasks"] == 0 and ex["tuning_trials_run"] == 0 and ex["verified"]["mismatches"] == 0

@@ -76,8 +76,21 @@ def window(x: te.Tensor, kernel, strides, dilations, pads) -> Window:
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilations)
     top, left, bottom, right = (int(p) for p in pads)
-    return Window(n, h, w, c, kh, kw, sh, sw, dh, dw, (top, left, bottom, right),
-                  out_size(h, kh, sh, dh, top, bottom), out_size(w, kw, sw, dw, left, right))
+    return Window(
+        n,
+        h,
+        w,
+        c,
+        kh,
+        kw,
+        sh,
+        sw,
+        dh,
+        dw,
+        (top, left, bottom, right),
+        out_size(h, kh, sh, dh, top, bottom),
+        out_size(w, kw, sw, dw, left, right),
+    )
 
 
 def conv2d_acc(x: te.Tensor, w: te.Tensor, *, strides, dilations, pads, zin: int, groups: int = 1) -> te.Tensor:
@@ -99,14 +112,29 @@ def conv2d_acc(x: te.Tensor, w: te.Tensor, *, strides, dilations, pads, zin: int
     return te.compute((g.n, g.oh, g.ow, o), f, name="conv_acc")
 
 
-def conv2d_nhwc(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, strides, dilations,
-                pads, groups: int, zin: int, zout: int, act_min: int, act_max: int) -> te.Tensor:
+def conv2d_nhwc(
+    x: te.Tensor,
+    w: te.Tensor,
+    bias: te.Tensor,
+    m: te.Tensor,
+    shift: te.Tensor,
+    *,
+    strides,
+    dilations,
+    pads,
+    groups: int,
+    zin: int,
+    zout: int,
+    act_min: int,
+    act_max: int,
+) -> te.Tensor:
     """Fused conv2d + requantize (bias must already hold the folded input zero point)."""
     acc = conv2d_acc(x, w, strides=strides, dilations=dilations, pads=pads, zin=zin, groups=groups)
     return epilogue(acc, bias, m, shift, zout, act_min, act_max)
 
 
 # ---- tensorized layout: [O/nb, KH, KW, I/kb, nb, kb] (VNNI 16x4, sdot/NEON 4x4) ---------------
+
 
 def pack_weight_dot(weight: np.ndarray, nb: int, kb: int) -> np.ndarray:
     """[O, KH, KW, I] -> [ceil(O/nb), KH, KW, ceil(I/kb), nb, kb], zero padded: the layout a dot-product
@@ -124,9 +152,24 @@ def fold_input_zero_point_dot(bias: np.ndarray, weight: np.ndarray, zin: int, un
     return fold_input_zero_point(bias, weight, int(zin) + (128 if unsigned else 0))
 
 
-def conv2d_dot(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, out_channels: int,
-               act_dtype: str, strides, dilations, pads, zin: int, zout: int, act_min: int,
-               act_max: int, narrow: bool | str = False) -> te.Tensor:
+def conv2d_dot(
+    x: te.Tensor,
+    wp: te.Tensor,
+    bias: te.Tensor,
+    m: te.Tensor,
+    shift: te.Tensor,
+    *,
+    out_channels: int,
+    act_dtype: str,
+    strides,
+    dilations,
+    pads,
+    zin: int,
+    zout: int,
+    act_min: int,
+    act_max: int,
+    narrow: bool | str = False,
+) -> te.Tensor:
     """conv2d (groups == 1) + requantize over ``pack_weight_dot`` weights, in the shape a dot-product
     intrinsic tensorizes: ``acc[n, oh, ow, O/nb, nb]``, reduced over (kh, kw, I/kb, kb).
 
@@ -158,10 +201,11 @@ def conv2d_dot(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift
 
     def f(b, i, j, ob, oi):
         y, xx = g.src(i, j, rh, rw)
-        return te.sum(xa[b, y, xx, rco * kb + rci].astype("int32") * wp[ob, rh, rw, rco, oi, rci].astype("int32"),
-                      axis=[rh, rw, rco, rci])
+        return te.sum(
+            xa[b, y, xx, rco * kb + rci].astype("int32") * wp[ob, rh, rw, rco, oi, rci].astype("int32"),
+            axis=[rh, rw, rco, rci],
+        )
 
     acc = te.compute((n, g.oh, g.ow, on, nb), f, name="conv_acc")
-    view = te.compute((n, g.oh, g.ow, out_channels), lambda b, i, j, oc: acc[b, i, j, oc // nb, oc % nb],
-                      name="acc")
+    view = te.compute((n, g.oh, g.ow, out_channels), lambda b, i, j, oc: acc[b, i, j, oc // nb, oc % nb], name="acc")
     return epilogue(view, bias, m, shift, zout, act_min, act_max, narrow=narrow)

@@ -9,8 +9,17 @@ from tvm import te
 from kernels.requant import epilogue
 
 
-def dense(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, zout: int, act_min: int,
-          act_max: int) -> te.Tensor:
+def dense(
+    x: te.Tensor,
+    w: te.Tensor,
+    bias: te.Tensor,
+    m: te.Tensor,
+    shift: te.Tensor,
+    *,
+    zout: int,
+    act_min: int,
+    act_max: int,
+) -> te.Tensor:
     """x [M, K] int8, w [O, K] int8, bias holds the folded input zero point."""
     mm, k = (int(d) for d in x.shape)
     o = int(w.shape[0])
@@ -30,8 +39,18 @@ def pack_weight_nk(weight: np.ndarray, nb: int = 16, kb: int = 4) -> np.ndarray:
     return np.ascontiguousarray(wp.reshape(on, nb, kn, kb).transpose(0, 2, 1, 3))
 
 
-def dense_packed(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, out_features: int,
-                 zout: int, act_min: int, act_max: int) -> te.Tensor:
+def dense_packed(
+    x: te.Tensor,
+    wp: te.Tensor,
+    bias: te.Tensor,
+    m: te.Tensor,
+    shift: te.Tensor,
+    *,
+    out_features: int,
+    zout: int,
+    act_min: int,
+    act_max: int,
+) -> te.Tensor:
     """dense over ``pack_weight_nk`` weights; K is padded with zeros (x padded too)."""
     mm, k = (int(d) for d in x.shape)
     _, kn, nb, kb = (int(d) for d in wp.shape)

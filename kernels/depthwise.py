@@ -19,9 +19,22 @@ def pack_weight_hwo(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight[..., 0].transpose(1, 2, 0))
 
 
-def depthwise_conv2d_hwo(x: te.Tensor, w: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *, strides,
-                         dilations, pads, zin: int, zout: int, act_min: int, act_max: int,
-                         narrow: bool | str = False) -> te.Tensor:
+def depthwise_conv2d_hwo(
+    x: te.Tensor,
+    w: te.Tensor,
+    bias: te.Tensor,
+    m: te.Tensor,
+    shift: te.Tensor,
+    *,
+    strides,
+    dilations,
+    pads,
+    zin: int,
+    zout: int,
+    act_min: int,
+    act_max: int,
+    narrow: bool | str = False,
+) -> te.Tensor:
     """Fused depthwise conv2d + requantize over ``pack_weight_hwo`` weights [KH, KW, O] (bias holds the
     folded input zero point). Stages ``pad``, ``dw_acc``, ``requant`` (``schedule.schedule_depthwise``)."""
     kh, kw, o = (int(d) for d in w.shape)

@@ -26,8 +26,23 @@ def _at(t: te.Tensor, idx):
     return t[tuple(0 if int(d) == 1 else i for i, d in zip(sub, t.shape, strict=True))]
 
 
-def add(a: te.Tensor, b: te.Tensor, *, za: int, zb: int, zout: int, left_shift: int, multiplier_a: int, shift_a: int,
-        multiplier_b: int, shift_b: int, multiplier: int, shift: int, act_min: int, act_max: int) -> te.Tensor:
+def add(
+    a: te.Tensor,
+    b: te.Tensor,
+    *,
+    za: int,
+    zb: int,
+    zout: int,
+    left_shift: int,
+    multiplier_a: int,
+    shift_a: int,
+    multiplier_b: int,
+    shift_b: int,
+    multiplier: int,
+    shift: int,
+    act_min: int,
+    act_max: int,
+) -> te.Tensor:
     """TFLite ADD: both inputs shifted left, rescaled to a common scale, summed, rescaled."""
     shape = broadcast_shape(a.shape, b.shape)
 
@@ -41,8 +56,9 @@ def add(a: te.Tensor, b: te.Tensor, *, za: int, zb: int, zout: int, left_shift: 
     return te.compute(shape, f, name="add")
 
 
-def mul(a: te.Tensor, b: te.Tensor, *, za: int, zb: int, zout: int, multiplier: int, shift: int, act_min: int,
-        act_max: int) -> te.Tensor:
+def mul(
+    a: te.Tensor, b: te.Tensor, *, za: int, zb: int, zout: int, multiplier: int, shift: int, act_min: int, act_max: int
+) -> te.Tensor:
     """((a - za) * (b - zb)) rescaled by (multiplier, shift)."""
     shape = broadcast_shape(a.shape, b.shape)
 

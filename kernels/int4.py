@@ -38,6 +38,7 @@ def unpack_int4_te(packed: te.Tensor, shape: tuple[int, ...], name: str = "w_unp
 
 # ---- blocked int4 for the dot-product kernels: both nibbles of a byte in the same tile ----------
 
+
 def pack_int4_tiles(wp: np.ndarray) -> np.ndarray:
     """int8 weights whose last two axes are one intrinsic tile (nb x kb, e.g. 16 x 4) -> uint8 bytes:
     within each tile of ``t`` values, byte ``j`` holds value ``j`` (low nibble) and value ``j + t/2``

@@ -52,8 +52,18 @@ def avgpool_tables(h: int, w: int, kernel, strides, pads) -> tuple[np.ndarray, n
     return half, mb, mk
 
 
-def avgpool(x: te.Tensor, half: te.Tensor, mb: te.Tensor, mk: te.Tensor, *, kernel, strides, pads,
-            act_min: int = -128, act_max: int = 127) -> te.Tensor:
+def avgpool(
+    x: te.Tensor,
+    half: te.Tensor,
+    mb: te.Tensor,
+    mk: te.Tensor,
+    *,
+    kernel,
+    strides,
+    pads,
+    act_min: int = -128,
+    act_max: int = 127,
+) -> te.Tensor:
     g = window(x, kernel, strides, (1, 1), pads)
     xp = pad_nhwc(x, pads, 0)
     rh, rw = g.reduce_axes()

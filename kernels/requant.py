@@ -65,8 +65,9 @@ def narrow_ok(weight: np.ndarray, bias: np.ndarray, m: np.ndarray, shift: np.nda
     return bool(bound.max(initial=0) <= INT32_MAX)
 
 
-def narrow_mode(weight: np.ndarray, bias: np.ndarray, m: np.ndarray, shift: np.ndarray,
-                act_span: int = 255) -> bool | str:
+def narrow_mode(
+    weight: np.ndarray, bias: np.ndarray, m: np.ndarray, shift: np.ndarray, act_span: int = 255
+) -> bool | str:
     """The ``narrow`` argument of ``epilogue`` for this layer: False, True, or "right" (no left shifts)."""
     if not narrow_ok(weight, bias, m, shift, act_span):
         return False
@@ -88,8 +89,17 @@ def requantize_expr_i32(v, m, shift, left: bool = True) -> tirx.PrimExpr:
     return ((a.astype(I64) * m.astype(I64) + rnd) >> (right + c64(31))).astype(i32)
 
 
-def epilogue(acc: te.Tensor, bias: te.Tensor | None, m: te.Tensor, shift: te.Tensor, zout: int,
-             act_min: int, act_max: int, name: str = "requant", narrow: bool | str = False) -> te.Tensor:
+def epilogue(
+    acc: te.Tensor,
+    bias: te.Tensor | None,
+    m: te.Tensor,
+    shift: te.Tensor,
+    zout: int,
+    act_min: int,
+    act_max: int,
+    name: str = "requant",
+    narrow: bool | str = False,
+) -> te.Tensor:
     """int32 accumulators [..., O] + bias[O] -> requantize per channel -> + zout -> clamp -> int8.
     ``narrow``: 32-bit arithmetic around one 32x32->64 multiply, only when ``narrow_ok`` holds;
     ``"right"``: also every shift <= 0 (``narrow_mode``)."""
@@ -114,8 +124,9 @@ def epilogue(acc: te.Tensor, bias: te.Tensor | None, m: te.Tensor, shift: te.Ten
     return te.compute(acc.shape, f, name=name)
 
 
-def requantize_op(x: te.Tensor, m: te.Tensor, shift: te.Tensor, *, zin: int, zout: int,
-                  act_min: int, act_max: int) -> te.Tensor:
+def requantize_op(
+    x: te.Tensor, m: te.Tensor, shift: te.Tensor, *, zin: int, zout: int, act_min: int, act_max: int
+) -> te.Tensor:
     """The standalone ``requantize`` operator: int8 -> int8 rescale (m, shift broadcast on the last axis)."""
     per_channel = m.shape[0] != 1
 

@@ -120,14 +120,26 @@ def gemm_packed_acc(x: te.Tensor, wp: te.Tensor, act_dtype: str) -> te.Tensor:
     ki = te.reduce_axis((0, kb), "ki")
     return te.compute(
         (m, pn, nb),
-        lambda i, jo, ji: te.sum(xa[i, ko * kb + ki].astype("int32") * wp[jo, ko, ji, ki].astype("int32"),
-                                 axis=[ko, ki]),
+        lambda i, jo, ji: te.sum(
+            xa[i, ko * kb + ki].astype("int32") * wp[jo, ko, ji, ki].astype("int32"), axis=[ko, ki]
+        ),
         name="gemm_acc",
     )
 
 
-def dense_tensorized(x: te.Tensor, wp: te.Tensor, bias: te.Tensor, m: te.Tensor, shift: te.Tensor, *,
-                     out_features: int, act_dtype: str, zout: int, act_min: int, act_max: int) -> te.Tensor:
+def dense_tensorized(
+    x: te.Tensor,
+    wp: te.Tensor,
+    bias: te.Tensor,
+    m: te.Tensor,
+    shift: te.Tensor,
+    *,
+    out_features: int,
+    act_dtype: str,
+    zout: int,
+    act_min: int,
+    act_max: int,
+) -> te.Tensor:
     """Dense + requantize over packed weights (bias folded with ``fold_zero_point``)."""
     acc4 = gemm_packed_acc(x, wp, act_dtype)
     nb = int(wp.shape[2])

@@ -38,8 +38,20 @@ def test_every_operator_bit_exact(seed):
     mul with a broadcast constant, concat with a rescale, pad, transpose, lut, clamp, int4 dense."""
     low = _run(synth.all_ops(seed), batch=2)
     fams = set(low.kernels.values())
-    assert {"conv2d", "depthwise", "conv2d_int4", "dense_int4", "requantize", "pool", "mul", "concat", "pad",
-            "transpose", "lut", "clamp"} <= fams
+    assert {
+        "conv2d",
+        "depthwise",
+        "conv2d_int4",
+        "dense_int4",
+        "requantize",
+        "pool",
+        "mul",
+        "concat",
+        "pad",
+        "transpose",
+        "lut",
+        "clamp",
+    } <= fams
 
 
 def test_conv_variants_bit_exact():
@@ -77,7 +89,7 @@ def test_positive_shifts_and_extreme_multipliers():
     y = g.conv(x, 16, 1)
     node = g.qm.nodes[-1]
     ms, ss = [], []
-    for r in np.geomspace(2.0 ** -33, 3.0, 16):
+    for r in np.geomspace(2.0**-33, 3.0, 16):
         m, s = arith.quantize_multiplier(float(r))
         ms.append(m)
         ss.append(s)
@@ -91,10 +103,12 @@ def test_requantize_expr_matches_arith_on_edge_values():
     from kernels.requant import requantize_expr
 
     rng = np.random.default_rng(0)
-    xs = np.concatenate([
-        np.array([0, 1, -1, 2**31 - 1, -(2**31), 2**30, -(2**30), 12345, -12345], np.int64),
-        rng.integers(-(2**31), 2**31, size=55),
-    ])
+    xs = np.concatenate(
+        [
+            np.array([0, 1, -1, 2**31 - 1, -(2**31), 2**30, -(2**30), 12345, -12345], np.int64),
+            rng.integers(-(2**31), 2**31, size=55),
+        ]
+    )
     shifts = np.arange(-31, 4, dtype=np.int32)
     mults = np.array([0, 1 << 30, (1 << 31) - 1, 1518500250, 1 << 30 | 1] * 7, np.int32)[: shifts.size]
     n, c = xs.size, shifts.size
@@ -126,8 +140,10 @@ def test_int4_unpack_matches_qmodel_format():
     np.testing.assert_array_equal(out.numpy(), w)
 
 
-@pytest.mark.parametrize("shape,out,k,stride", [((1, 9, 11, 6), 6, 3, 1), ((1, 9, 11, 6), 12, 3, 1),
-                                                ((1, 7, 13, 16), 16, 3, 2), ((1, 3, 5, 48), 48, 5, 1)])
+@pytest.mark.parametrize(
+    "shape,out,k,stride",
+    [((1, 9, 11, 6), 6, 3, 1), ((1, 9, 11, 6), 12, 3, 1), ((1, 7, 13, 16), 16, 3, 2), ((1, 3, 5, 48), 48, 5, 1)],
+)
 def test_depthwise_schedule_edge_tiles(shape, out, k, stride):
     """The vectorized depthwise schedule when the column tile and the channel vector are 1 wide (11
     columns, 6 channels: nothing of the epilogue below the tile loop), multiplier 2, stride 2, 5x5."""

@@ -60,8 +60,9 @@ def test_vnni_gemm_bit_exact(m, n, k):
         assert "vpdpbusd" in asm
 
 
-@pytest.mark.parametrize("target,family", [("host", None), ("rpi4", "dense_dot_4x4_i8i8s32_neon"),
-                                           ("rpi5", "dense_dot_4x4_i8i8s32_sdot")])
+@pytest.mark.parametrize(
+    "target,family", [("host", None), ("rpi4", "dense_dot_4x4_i8i8s32_neon"), ("rpi5", "dense_dot_4x4_i8i8s32_sdot")]
+)
 def test_dense_layers_use_the_targets_intrinsic(target, family):
     t = get_target(target).tvm_target()
     low = lower(synth.resnet8(0, 8), 1, t)
@@ -70,6 +71,7 @@ def test_dense_layers_use_the_targets_intrinsic(target, family):
 
 
 # ---- tensorized conv2d (packed [O/nb, KH, KW, I/kb, nb, kb] weights) -----------------------------
+
 
 def _odd_conv_graph(bits: int = 8, seed: int = 7):
     """Channels that are not multiples of the tile (3, 6, 20, 12), 11 output columns (a prime: the column
@@ -133,7 +135,7 @@ def test_vnni_conv_wide_epilogue_and_batch():
     x = g.input((2, 6, 6, 8))
     y = g.conv(x, 16, 3)
     node = g.qm.nodes[-1]
-    ms, ss = zip(*(arith.quantize_multiplier(float(r)) for r in np.geomspace(2.0 ** -33, 3.0, 16)), strict=True)
+    ms, ss = zip(*(arith.quantize_multiplier(float(r)) for r in np.geomspace(2.0**-33, 3.0, 16)), strict=True)
     g.qm.constants[node.params["multiplier"]] = np.array(ms, np.int32)
     g.qm.constants[node.params["shift"]] = np.array(ss, np.int32)
     _check_host(g.output(y), batch=2)
@@ -146,8 +148,12 @@ def test_narrow_epilogue_matches_arith():
     from kernels.requant import requantize_expr_i32
 
     rng = np.random.default_rng(0)
-    xs = np.concatenate([np.array([0, 1, -1, 2**31 - 1, -(2**31), 2**30, -(2**30), 12345, -12345], np.int64),
-                         rng.integers(-(2**31), 2**31, size=55)])
+    xs = np.concatenate(
+        [
+            np.array([0, 1, -1, 2**31 - 1, -(2**31), 2**30, -(2**30), 12345, -12345], np.int64),
+            rng.integers(-(2**31), 2**31, size=55),
+        ]
+    )
     shifts = np.arange(-31, 4, dtype=np.int32)
     mults = np.array([0, 1 << 30, (1 << 31) - 1, 1518500250, 1 << 30 | 1, -(2**31) + 1, 7] * 5, np.int32)[: shifts.size]
     n, c = xs.size, shifts.size
@@ -184,8 +190,9 @@ def test_arm_conv_odd_shapes_bit_exact_under_qemu(target, tmp_path):
         pytest.skip("needs qemu-user, aarch64-linux-gnu-g++ and the cached aarch64 TVM runtime")
     intrin = kt.intrin_for(get_target(target).tvm_target())
     for bits in (8, 4):
-        res = compile_model(_odd_conv_graph(bits), target, tmp_path / f"odd{bits}.{target}.tar", verify=True,
-                            verify_inputs=3)
+        res = compile_model(
+            _odd_conv_graph(bits), target, tmp_path / f"odd{bits}.{target}.tar", verify=True, verify_inputs=3
+        )
         ex = res.manifest["extra"]
         assert ex["verified"]["mismatches"] == 0 and ex["verified"]["how"].startswith("qemu-user")
         assert "conv2d_" + intrin + ("_int4" if bits == 4 else "") in ex["kernels"]

@@ -29,8 +29,22 @@ from kernels import requant as kreq
 from kernels import schedule as ksched
 from kernels import tensorize as ktz
 
-SUPPORTED = {"quantize", "conv2d", "dense", "add", "mul", "requantize", "maxpool", "avgpool", "concat", "pad",
-             "reshape", "transpose", "lut", "clamp"}
+SUPPORTED = {
+    "quantize",
+    "conv2d",
+    "dense",
+    "add",
+    "mul",
+    "requantize",
+    "maxpool",
+    "avgpool",
+    "concat",
+    "pad",
+    "reshape",
+    "transpose",
+    "lut",
+    "clamp",
+}
 
 
 @dataclass
@@ -123,9 +137,15 @@ class _Lowerer:
         bias = kconv.fold_input_zero_point(np.asarray(self.qm.constants[node.params["bias"]]), w, zin)
         m, s = self.rescale(node, o)
         g = int(a.get("groups", 1))
-        common = dict(strides=a.get("strides", (1, 1)), dilations=a.get("dilations", (1, 1)),
-                      pads=a.get("pads", (0, 0, 0, 0)), zin=zin, zout=zout,
-                      act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+        common = dict(
+            strides=a.get("strides", (1, 1)),
+            dilations=a.get("dilations", (1, 1)),
+            pads=a.get("pads", (0, 0, 0, 0)),
+            zin=zin,
+            zout=zout,
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
         depthwise = g > 1 and ipg == 1 and g == c
         if g == 1 and self.intrin is not None:
             return self.conv2d_dot(node, x, w, bits, m, s, common)
@@ -152,8 +172,9 @@ class _Lowerer:
                 wt_ = kint4.unpack_int4_te(wt_, (kh, kw, o))
             return kdw.depthwise_conv2d_hwo(xt, wt_, bt, mt, st, narrow=narrow, **common)
 
-        return self.emit("depthwise" + ("_int4" if bits == 4 else ""), node, fn, x, relax.const(wc),
-                         relax.const(bias), m, s)
+        return self.emit(
+            "depthwise" + ("_int4" if bits == 4 else ""), node, fn, x, relax.const(wc), relax.const(bias), m, s
+        )
 
     def conv2d_dot(self, node: QNode, x, w: np.ndarray, bits: int, m, s, common: dict) -> relax.Expr:
         """groups == 1 conv over weights packed for the target's dot-product intrinsic (int4 weights
@@ -161,8 +182,9 @@ class _Lowerer:
         act, nb, kb = ktz.LAYOUTS[self.intrin]
         wp = kconv.pack_weight_dot(w, nb, kb)
         zin = common["zin"]
-        bias = kconv.fold_input_zero_point_dot(np.asarray(self.qm.constants[node.params["bias"]]), w, zin,
-                                               act == "uint8")
+        bias = kconv.fold_input_zero_point_dot(
+            np.asarray(self.qm.constants[node.params["bias"]]), w, zin, act == "uint8"
+        )
         if bits == 4:
             wc = kint4.pack_int4_tiles(wp)
             self.weight_bytes += wc.nbytes - kint4.packed_nbytes(w.shape)
@@ -207,6 +229,7 @@ class _Lowerer:
             y = self.emit("dense_" + self.intrin, node, fnt, x, relax.const(wp), relax.const(bias_t), m, s)
             self.scheduled[self.last_hint] = ("gemm", self.intrin)
         else:
+
             def fn(xt, wt, bt, mt, st):
                 if bits == 4:
                     wt = kint4.unpack_int4_te(wt, (o, k))
@@ -220,32 +243,72 @@ class _Lowerer:
     def add(self, node: QNode) -> relax.Expr:
         a = node.attrs
         ia, ib = node.inputs
-        kw = {k: int(a[k]) for k in ("left_shift", "multiplier_a", "shift_a", "multiplier_b", "shift_b",
-                                    "multiplier", "shift")}
-        return self.emit("add", node, kew.add, self.val(ia), self.val(ib), za=self.zp(ia), zb=self.zp(ib),
-                         zout=self.zp(node.outputs[0]), act_min=int(a.get("act_min", -128)),
-                         act_max=int(a.get("act_max", 127)), **kw)
+        kw = {
+            k: int(a[k])
+            for k in ("left_shift", "multiplier_a", "shift_a", "multiplier_b", "shift_b", "multiplier", "shift")
+        }
+        return self.emit(
+            "add",
+            node,
+            kew.add,
+            self.val(ia),
+            self.val(ib),
+            za=self.zp(ia),
+            zb=self.zp(ib),
+            zout=self.zp(node.outputs[0]),
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+            **kw,
+        )
 
     def mul(self, node: QNode) -> relax.Expr:
         a = node.attrs
         ia, ib = node.inputs
-        return self.emit("mul", node, kew.mul, self.val(ia), self.val(ib), za=self.zp(ia), zb=self.zp(ib),
-                         zout=self.zp(node.outputs[0]), multiplier=int(a["multiplier"]), shift=int(a["shift"]),
-                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+        return self.emit(
+            "mul",
+            node,
+            kew.mul,
+            self.val(ia),
+            self.val(ib),
+            za=self.zp(ia),
+            zb=self.zp(ib),
+            zout=self.zp(node.outputs[0]),
+            multiplier=int(a["multiplier"]),
+            shift=int(a["shift"]),
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
 
     def requantize(self, node: QNode) -> relax.Expr:
         a = node.attrs
         m = np.atleast_1d(np.asarray(a["multiplier"])).astype(np.int32)
         s = np.atleast_1d(np.asarray(a["shift"])).astype(np.int32)
-        return self.emit("requantize", node, kreq.requantize_op, self.val(node.inputs[0]), relax.const(m),
-                         relax.const(s), zin=self.zp(node.inputs[0]), zout=self.zp(node.outputs[0]),
-                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+        return self.emit(
+            "requantize",
+            node,
+            kreq.requantize_op,
+            self.val(node.inputs[0]),
+            relax.const(m),
+            relax.const(s),
+            zin=self.zp(node.inputs[0]),
+            zout=self.zp(node.outputs[0]),
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
 
     def maxpool(self, node: QNode) -> relax.Expr:
         a = node.attrs
-        return self.emit("pool", node, kpool.maxpool, self.val(node.inputs[0]), kernel=a["kernel"],
-                         strides=a["strides"], pads=a.get("pads", (0, 0, 0, 0)),
-                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+        return self.emit(
+            "pool",
+            node,
+            kpool.maxpool,
+            self.val(node.inputs[0]),
+            kernel=a["kernel"],
+            strides=a["strides"],
+            pads=a.get("pads", (0, 0, 0, 0)),
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
 
     def avgpool(self, node: QNode) -> relax.Expr:
         a = node.attrs
@@ -253,9 +316,20 @@ class _Lowerer:
         _, h, w, _ = (int(d) for d in x.ty.shape)
         pads = a.get("pads", (0, 0, 0, 0))
         half, mb, mk = kpool.avgpool_tables(h, w, a["kernel"], a["strides"], pads)
-        return self.emit("pool", node, kpool.avgpool, x, relax.const(half), relax.const(mb), relax.const(mk),
-                         kernel=a["kernel"], strides=a["strides"], pads=pads,
-                         act_min=int(a.get("act_min", -128)), act_max=int(a.get("act_max", 127)))
+        return self.emit(
+            "pool",
+            node,
+            kpool.avgpool,
+            x,
+            relax.const(half),
+            relax.const(mb),
+            relax.const(mk),
+            kernel=a["kernel"],
+            strides=a["strides"],
+            pads=pads,
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
 
     def concat(self, node: QNode) -> relax.Expr:
         a = node.attrs
@@ -269,8 +343,9 @@ class _Lowerer:
         return self.emit("concat", node, fn, *xs)
 
     def pad(self, node: QNode) -> relax.Expr:
-        return self.emit("pad", node, klayout.pad, self.val(node.inputs[0]), pads=node.attrs["pads"],
-                         fill=self.zp(node.outputs[0]))
+        return self.emit(
+            "pad", node, klayout.pad, self.val(node.inputs[0]), pads=node.attrs["pads"], fill=self.zp(node.outputs[0])
+        )
 
     def reshape(self, node: QNode) -> relax.Expr:
         x = self.val(node.inputs[0])
@@ -286,8 +361,14 @@ class _Lowerer:
 
     def clamp(self, node: QNode) -> relax.Expr:
         a = node.attrs
-        return self.emit("clamp", node, kew.clamp, self.val(node.inputs[0]), act_min=int(a.get("act_min", -128)),
-                         act_max=int(a.get("act_max", 127)))
+        return self.emit(
+            "clamp",
+            node,
+            kew.clamp,
+            self.val(node.inputs[0]),
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
 
     # ---- the graph ----------------------------------------------------------------
     def run(self) -> Lowered:
@@ -305,8 +386,9 @@ class _Lowerer:
             params.append(v)
             self.env[tname] = v
             feeds[name] = tname
-            in_infos.append({"name": name, "shape": shape, "dtype": "int8", "scale": info.scale,
-                             "zero_point": info.zero_point})
+            in_infos.append(
+                {"name": name, "shape": shape, "dtype": "int8", "scale": info.scale, "zero_point": info.zero_point}
+            )
         with self.bb.function("main", params):
             with self.bb.dataflow():
                 for node in qm.nodes:
@@ -320,8 +402,16 @@ class _Lowerer:
         for o in qm.outputs:
             info = qm.tensors[o.name]
             shape = [int(d) for d in self.env[o.name].ty.shape]
-            out_infos.append({"name": o.name, "shape": shape, "dtype": "int8", "scale": info.scale,
-                              "zero_point": info.zero_point, "epilogue": list(o.epilogue)})
+            out_infos.append(
+                {
+                    "name": o.name,
+                    "shape": shape,
+                    "dtype": "int8",
+                    "scale": info.scale,
+                    "zero_point": info.zero_point,
+                    "epilogue": list(o.epilogue),
+                }
+            )
         mod = self.bb.get()
         for gv in list(mod.functions.keys()):
             if gv.name_hint in self.scheduled:

@@ -12,6 +12,11 @@ VNNI multiplies unsigned activations: the kernel feeds ``x + 128`` (uint8) and t
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+
 import numpy as np
 import tvm
 from tvm import te
@@ -20,10 +25,30 @@ from tvm.script import tirx as T
 
 from kernels.requant import epilogue
 
-try:  # registers TVM's ARM intrinsics (sdot, neon)
-    import tvm.s_tir.tensor_intrin.arm_cpu  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+
+def _register_arm_intrinsics() -> None:
+    """Register TVM's ARM intrinsics (sdot, NEON) without the package ``__init__``, which also
+    imports the CUDA, ROCm and Hexagon intrinsics: 20 s of import on an idle machine, over a minute
+    under load. A later full ``import tvm.s_tir.tensor_intrin`` (MetaSchedule does one) still runs
+    and finds ``arm_cpu`` already imported, so nothing is registered twice."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        importlib.import_module(name + ".arm_cpu")
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:  # pragma: no cover
+        return
+    package = types.ModuleType(name)
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__package__ = name
+    sys.modules[name] = package
+    try:
+        importlib.import_module(name + ".arm_cpu")
+    finally:
+        del sys.modules[name]
+
+
+_register_arm_intrinsics()
 
 VNNI_INTRIN = "edgekit_dot_16x4_vnni"
 SDOT_INTRIN = "dot_4x4_i8i8s32_sdot"

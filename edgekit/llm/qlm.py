@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,12 +358,26 @@ def load_lm(path: str | Path) -> QuantLM:
 # ---- integer reference executor ------------------------------------------------------------------------
 
 
+_MULT_CACHE: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}
+
+
 def _mult(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Dyadic multipliers and shifts of real rescales, memoized: the scales of a model are fixed, so a
+    decode step would otherwise redo the same per-channel Python loop for every linear (~30% of a step)."""
+    real = np.asarray(real, np.float64)
+    key = real.tobytes() + repr(real.shape).encode()
+    hit = _MULT_CACHE.get(key)
+    if hit is not None:
+        return hit
     ms = [quantize_multiplier(float(r)) for r in np.ravel(real)]
-    return (
+    out = (
         np.array([m for m, _ in ms], np.int64).reshape(np.shape(real)),
         np.array([s for _, s in ms], np.int64).reshape(np.shape(real)),
     )
+    if len(_MULT_CACHE) > 4096:  # per-token keys (the embedding's row scales) must not grow without bound
+        _MULT_CACHE.clear()
+    _MULT_CACHE[key] = out
+    return out
 
 
 def int_linear(x: np.ndarray, xq: ActQ, lin: QLinear) -> np.ndarray:
@@ -525,11 +540,14 @@ def int_forward(
     logits: bool = True,
     trace: dict[str, np.ndarray] | None = None,
     integer_ops: bool = False,
+    linear: Callable[[np.ndarray, ActQ, QLinear], np.ndarray] = int_linear,
 ) -> np.ndarray:
     """Run token ids (one sequence) through the integer model; with ``cache`` the ids continue it.
     Returns float logits [T, V] (dequantized from int32 accumulators) or the integer final_in.
     ``integer_ops``: RMSNorm, RoPE and softmax in integers too (``int_rmsnorm``, ``int_rope``,
-    ``int_softmax``) instead of float32 between dequantize and quantize."""
+    ``int_softmax``) instead of float32 between dequantize and quantize. ``linear`` computes every
+    linear's accumulator (default ``int_linear``; the device runtime passes compiled kernels that must
+    return exactly the same integers)."""
     c = qm.config
     ids = np.asarray(ids, dtype=np.int64)
     t = len(ids)
@@ -557,8 +575,8 @@ def int_forward(
     grp = c.heads // c.kv_heads
     for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
         h = h0 = norm(x, xq, lw["attn_norm"], lw["attn_norm_bias"], a["attn_in"])
-        qacc = int_linear(h, a["attn_in"], lw["q"])
-        kacc = int_linear(h, a["attn_in"], lw["k"])
+        qacc = linear(h, a["attn_in"], lw["q"])
+        kacc = linear(h, a["attn_in"], lw["k"])
         if integer_ops:
             q = int_rope(
                 qacc, a["attn_in"].scale * lw["q"].w_scale.astype(np.float64), a["q"], c.heads, c.head_dim, cos_q, sin_q
@@ -577,9 +595,7 @@ def int_forward(
             k = (kacc * (a["attn_in"].scale * lw["k"].w_scale)).astype(np.float32)
             q = a["q"].quantize(apply_rope(q.reshape(t, c.heads, c.head_dim).transpose(1, 0, 2), cos, sin))
             k = a["k"].quantize(apply_rope(k.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2), cos, sin))
-        v = rescale_to(
-            int_linear(h, a["attn_in"], lw["v"]), a["attn_in"].scale * lw["v"].w_scale / a["v"].scale, a["v"]
-        )
+        v = rescale_to(linear(h, a["attn_in"], lw["v"]), a["attn_in"].scale * lw["v"].w_scale / a["v"].scale, a["v"])
         v = v.reshape(t, c.kv_heads, c.head_dim).transpose(1, 0, 2)
         if cache is not None:
             if cache.k[i] is not None:
@@ -601,7 +617,7 @@ def int_forward(
         pv = pv.transpose(1, 0, 2).reshape(t, c.hidden)
         att = rescale_to(pv, a["probs"].scale * a["v"].scale / a["attn_out"].scale, a["attn_out"])
         o = rescale_to(
-            int_linear(att, a["attn_out"], lw["o"]),
+            linear(att, a["attn_out"], lw["o"]),
             a["attn_out"].scale * lw["o"].w_scale / a["o_out"].scale,
             a["o_out"],
         )
@@ -609,16 +625,14 @@ def int_forward(
         xq = a["res_mid"]
         h = norm(x, xq, lw["mlp_norm"], lw["mlp_norm_bias"], a["mlp_in"])
         gt = rescale_to(
-            int_linear(h, a["mlp_in"], lw["gate"]), a["mlp_in"].scale * lw["gate"].w_scale / a["gate"].scale, a["gate"]
+            linear(h, a["mlp_in"], lw["gate"]), a["mlp_in"].scale * lw["gate"].w_scale / a["gate"].scale, a["gate"]
         )
-        up = rescale_to(
-            int_linear(h, a["mlp_in"], lw["up"]), a["mlp_in"].scale * lw["up"].w_scale / a["up"].scale, a["up"]
-        )
+        up = rescale_to(linear(h, a["mlp_in"], lw["up"]), a["mlp_in"].scale * lw["up"].w_scale / a["up"].scale, a["up"])
         sl = silu_table(a["gate"], a["silu"])[gt - a["gate"].qmin]
         prod = (sl.astype(np.int64) - a["silu"].zero_point) * (up.astype(np.int64) - a["up"].zero_point)
         hh = rescale_to(prod, a["silu"].scale * a["up"].scale / a["h"].scale, a["h"])
         d = rescale_to(
-            int_linear(hh, a["h"], lw["down"]), a["h"].scale * lw["down"].w_scale / a["down_out"].scale, a["down_out"]
+            linear(hh, a["h"], lw["down"]), a["h"].scale * lw["down"].w_scale / a["down_out"].scale, a["down_out"]
         )
         x = int_add(x, xq, d, a["down_out"], a["res_out"])
         xq = a["res_out"]
@@ -645,7 +659,7 @@ def int_forward(
     tr("final_in", f, g["final_in"])
     if not logits:
         return f
-    acc = int_linear(f, g["final_in"], qm.head)
+    acc = linear(f, g["final_in"], qm.head)
     return (acc * (g["final_in"].scale * qm.head.w_scale)).astype(np.float32)
 
 

@@ -14,8 +14,8 @@ When the artifact carries compiled linears (``extra.tvm_linears``: ``linears.so`
 ``edgekit.llm.compile.build_device_linears`` for this device's architecture, ``linears.npz``), every
 linear layer's integer matmul runs in those TVM kernels, called through ``ctypes`` with only
 ``libtvm_runtime.so``/``libtvm_ffi.so`` on the device (``$EDGEKIT_TVM_LIB``, ``/opt/edgekit-tvm/lib``, or
-the tvm wheel's); the rest of the step is ``qlm.int_forward`` itself (its ``int_linear`` is swapped for
-the kernels while this runtime generates), so the tokens stay those of the host reference.
+the tvm wheel's); the rest of the step is ``qlm.int_forward`` itself (given the kernels as its
+``linear``), so the tokens stay those of the host reference.
 """
 
 from __future__ import annotations
@@ -49,37 +49,14 @@ class LMModel(LoadedModel):
         eos = extra.get("eos_token_id")
         self.eos = None if eos is None else int(eos)
         self.kernels: TVMLinears | None = None
-        self._memo: dict[bytes, Any] = {}
         tl = extra.get("tvm_linears")
         if tl:
             self.kernels = TVMLinears(path.parent, tl, self.qm)
 
-    @contextlib.contextmanager
-    def _linears(self):
-        """While generating: ``qlm._mult`` (the dyadic multipliers of a rescale, a Python loop over channels)
-        memoized on its argument, a pure function of the fixed scales; ``qlm.int_linear`` served by the
-        compiled kernels when the artifact has them."""
-        qlm, k = self.qlm, self.kernels
-        orig_linear, orig_mult = qlm.int_linear, qlm._mult
-        memo = self._memo
-
-        def int_linear(x, xq, lin):
-            fn = None if k is None else k.by_id.get(id(lin))
-            return orig_linear(x, xq, lin) if fn is None else k.call(fn, x)
-
-        def mult(real):
-            key = real.tobytes() + str((real.dtype, real.shape)).encode()
-            if key not in memo:
-                if len(memo) > 4096:  # per-token keys (the embedding's row scales) must not grow without bound
-                    memo.clear()
-                memo[key] = orig_mult(real)
-            return memo[key]
-
-        qlm.int_linear, qlm._mult = int_linear, mult
-        try:
-            yield
-        finally:
-            qlm.int_linear, qlm._mult = orig_linear, orig_mult
+    def _linear(self, x: Any, xq: Any, lin: Any) -> Any:
+        """A linear's integer accumulator: the compiled kernel when the artifact has one, else numpy."""
+        fn = None if self.kernels is None else self.kernels.by_id.get(id(lin))
+        return self.qlm.int_linear(x, xq, lin) if fn is None else self.kernels.call(fn, x)
 
     def _args(self, inputs: dict[str, Any]) -> tuple[Any, int]:
         import numpy as np
@@ -110,7 +87,7 @@ class LMModel(LoadedModel):
         if n == 0:
             return out, steps
         t0 = time.perf_counter_ns()
-        lg = qlm.int_forward(self.qm, prompt, cache)
+        lg = qlm.int_forward(self.qm, prompt, cache, linear=self._linear)
         for i in range(n):
             nxt = int(np.argmax(lg[-1]))
             steps.append((time.perf_counter_ns() - t0) / 1e6)
@@ -118,7 +95,7 @@ class LMModel(LoadedModel):
             if (self.eos is not None and nxt == self.eos) or i == n - 1:
                 break
             t0 = time.perf_counter_ns()
-            lg = qlm.int_forward(self.qm, np.array([nxt]), cache)
+            lg = qlm.int_forward(self.qm, np.array([nxt]), cache, linear=self._linear)
         return out, steps
 
     def run(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -129,8 +106,7 @@ class LMModel(LoadedModel):
         step_ms = np.zeros((len(ids), n), np.float64)
         calls0 = self.kernels.calls if self.kernels is not None else 0
         for b, prompt in enumerate(ids):
-            with self._linears():
-                out, steps = self._generate(prompt, n)
+            out, steps = self._generate(prompt, n)
             tokens[b, : len(out)] = out
             step_ms[b, : len(steps)] = steps
         outs = {"tokens": tokens, "step_ms": step_ms}
@@ -140,8 +116,7 @@ class LMModel(LoadedModel):
 
     def run_timed_layers(self, inputs: dict[str, Any]) -> dict[str, float]:
         ids, n = self._args(inputs)
-        with self._linears():
-            _, steps = self._generate(ids[0], max(n, 2))
+        _, steps = self._generate(ids[0], max(n, 2))
         decode = steps[1:]
         return {
             f"prefill ({ids.shape[1]} tokens, first token)": steps[0],
@@ -152,8 +127,7 @@ class LMModel(LoadedModel):
         """Every named activation of the prompt pass (dequantized, as ``int_forward``'s trace)."""
         ids, _ = self._args(inputs)
         trace: dict[str, Any] = {}
-        with self._linears():
-            self.qlm.int_forward(self.qm, ids[0], trace=trace)
+        self.qlm.int_forward(self.qm, ids[0], trace=trace, linear=self._linear)
         return trace
 
 

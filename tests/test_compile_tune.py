@@ -3,7 +3,13 @@ kernels, fallback to untuned kernels on a mismatch, and a clear error when nothi
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,8 +37,9 @@ def _tiny(seed: int = 0):
 def tuned(tmp_path_factory):
     """One tuning run (1 task, 2 trials) whose database the other tests reuse."""
     d = tmp_path_factory.mktemp("tune")
-    r = compile_model(_tiny(), "host", d / "t1.tar", tune=True, trials=2, tuning_dir=d / "db", tune_options=CHEAP,
-                      tensorize=False)
+    r = compile_model(
+        _tiny(), "host", d / "t1.tar", tune=True, trials=2, tuning_dir=d / "db", tune_options=CHEAP, tensorize=False
+    )
     return d, r
 
 
@@ -74,8 +81,16 @@ def test_mismatching_tuned_build_falls_back_to_untuned(tuned, monkeypatch):
 
 def test_cross_target_tuning_needs_a_device(tmp_path):
     with pytest.raises(TuningError, match="--rpc-tracker HOST:PORT --rpc-key KEY"):
-        compile_model(_tiny(), "rpi4", tmp_path / "t.tar", tune=True, trials=2, tuning_dir=tmp_path / "db",
-                      verify=False, tensorize=False)
+        compile_model(
+            _tiny(),
+            "rpi4",
+            tmp_path / "t.tar",
+            tune=True,
+            trials=2,
+            tuning_dir=tmp_path / "db",
+            verify=False,
+            tensorize=False,
+        )
 
 
 def test_hand_scheduled_model_has_nothing_to_tune(tmp_path):
@@ -87,3 +102,130 @@ def test_hand_scheduled_model_has_nothing_to_tune(tmp_path):
     r = compile_model(_tiny(), "host", tmp_path / "t.tar", tune=True, trials=2, tuning_dir=tmp_path / "db")
     ex = r.manifest["extra"]
     assert ex["tuning_tasks"] == 0 and ex["tuning_trials_run"] == 0 and ex["verified"]["mismatches"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    """A TVM RPC process in its own process group (its forked workers are ended with it)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def rpc_tracker(request):
+    """A real TVM RPC tracker on 127.0.0.1 with one server registered under the key "ektune"."""
+    pytest.importorskip("tornado")
+    from tvm import rpc
+
+    tport, sport = _free_port(), _free_port()
+    procs = [
+        _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end", str(tport + 1)])
+    ]
+    request.addfinalizer(lambda: [_stop(p) for p in reversed(procs)])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", tport), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the RPC tracker did not start"
+            time.sleep(0.2)
+    procs.append(
+        _start(
+            [
+                "tvm.exec.rpc_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sport),
+                "--port-end",
+                str(sport + 1),
+                "--tracker",
+                f"127.0.0.1:{tport}",
+                "--key",
+                "ektune",
+            ]
+        )
+    )
+    while True:  # registered with the tracker (its summary lists the key)
+        servers = rpc.connect_tracker("127.0.0.1", tport).summary()["server_info"]
+        if any(s["key"].endswith(":ektune") for s in servers):
+            break
+        assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
+        time.sleep(0.3)
+    return f"127.0.0.1:{tport}"
+
+
+def test_tune_measures_through_an_rpc_tracker(rpc_tracker, tmp_path, monkeypatch):
+    """2 candidates built here, run on the server found through the tracker by its key."""
+    from tvm.s_tir.meta_schedule import runner
+
+    def no_local(*_a, **_k):
+        raise AssertionError("measured locally, not through RPC")
+
+    monkeypatch.setattr(runner, "LocalRunner", no_local)
+    rpc = {"tracker": rpc_tracker, "key": "ektune", "timeout": 30}
+    r = compile_model(
+        _tiny(),
+        "host",
+        tmp_path / "t.tar",
+        tune=True,
+        trials=2,
+        tuning_dir=tmp_path / "db",
+        rpc=rpc,
+        tune_options=CHEAP,
+        tensorize=False,
+    )
+    ex = r.manifest["extra"]
+    assert ex["tuned"] is True and ex["tuning_measured_on"] == f"rpc:{rpc_tracker}/ektune"
+    assert ex["tuning_trials_run"] >= 1 and ex["tuning_trials_failed"] == 0 and ex["tuned_kernels"] == 1
+    assert ex["verified"]["mismatches"] == 0 and ex["verified"]["values"] > 0
+    lines = (tmp_path / "db" / "database_tuning_record.json").read_text().splitlines()
+    run_secs = [json.loads(line)[1][1] for line in lines if line.strip()]
+    assert len(run_secs) == ex["tuning_trials_run"]
+    assert all(secs and 0 < min(secs) < 1 for secs in run_secs)  # measured times, not failures (1e10)
+
+
+def test_unreachable_rpc_tracker_or_unknown_key_is_a_clear_error(rpc_tracker, tmp_path):
+    for rpc, msg in [
+        (
+            {"tracker": f"127.0.0.1:{_free_port()}", "key": "ektune", "timeout": 5},
+            "cannot reach the TVM RPC tracker at 127.0.0.1:",
+        ),
+        (
+            {"tracker": rpc_tracker, "key": "nosuchdevice", "timeout": 5},
+            "no TVM RPC server registered with key 'nosuchdevice'.*registered keys: ektune",
+        ),
+    ]:
+        t0 = time.monotonic()
+        with pytest.raises(TuningError, match=msg):
+            compile_model(
+                _tiny(),
+                "host",
+                tmp_path / "t.tar",
+                tune=True,
+                trials=2,
+                tuning_dir=tmp_path / "db",
+                rpc=rpc,
+                tune_options=CHEAP,
+                tensorize=False,
+            )
+        assert time.monotonic() - t0 < 20

@@ -107,8 +107,10 @@ def _drop_unbuildable(mod, original, target, say) -> tuple[object, list[str]]:
         except Exception as exc:  # noqa: BLE001 - TVM raises many error types here
             mod[gv] = original[gv]
             dropped.append(gv.name_hint)
-            say(f"tuned schedule of {gv.name_hint} does not build ({str(exc).splitlines()[0][:80]}); "
-                "using the untuned kernel")
+            say(
+                f"tuned schedule of {gv.name_hint} does not build ({str(exc).splitlines()[0][:80]}); "
+                "using the untuned kernel"
+            )
     return mod, dropped
 
 
@@ -116,14 +118,57 @@ def _database(work: Path):
     from tvm.s_tir import meta_schedule as ms
 
     work.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(path_workload=str(work / "database_workload.json"),
-                                    path_tuning_record=str(work / "database_tuning_record.json"))
+    return ms.database.JSONDatabase(
+        path_workload=str(work / "database_workload.json"), path_tuning_record=str(work / "database_tuning_record.json")
+    )
 
 
 def _records(db, mod, k: int) -> list:
     if not db.has_workload(mod):
         return []
     return list(db.get_top_k(db.commit_workload(mod), k))
+
+
+def _check_tracker(cfg) -> None:
+    """Fail fast, in bounded time, when the tracker is unreachable or has no server with the key.
+
+    Without this MetaSchedule's RPCRunner lets every candidate wait out its session timeout (the
+    tracker queues a request for a key no server has) and records it as a failed run: tuning
+    "succeeds" after minutes with nothing measured."""
+    import socket
+    import threading
+
+    where = f"{cfg.tracker_host}:{cfg.tracker_port}"
+    wait = max(1.0, min(float(cfg.session_timeout_sec), 10.0))
+    try:
+        socket.create_connection((cfg.tracker_host, cfg.tracker_port), timeout=wait).close()
+    except OSError as exc:
+        raise TuningError(
+            f"cannot reach the TVM RPC tracker at {where} ({exc}); start one with `python -m tvm.exec.rpc_tracker "
+            f"--port {cfg.tracker_port}` and register the device's server with `python -m tvm.exec.rpc_server "
+            f"--tracker {where} --key {cfg.tracker_key}`"
+        ) from None
+    found: dict[str, Any] = {}
+
+    def query() -> None:
+        try:
+            found["servers"] = cfg.connect_tracker().summary()["server_info"]
+        except Exception as exc:  # noqa: BLE001 - TVM raises many error types; reported below
+            found["error"] = exc
+
+    t = threading.Thread(target=query, daemon=True)  # summary() has no timeout of its own
+    t.start()
+    t.join(wait)
+    if "servers" not in found:
+        why = found.get("error") or f"no answer within {wait:g} s"
+        raise TuningError(f"{where} does not answer as a TVM RPC tracker ({str(why).splitlines()[0][:200]})")
+    keys = sorted({str(s.get("key", "")).split(":", 1)[-1] for s in found["servers"]})
+    if cfg.tracker_key not in keys:
+        raise TuningError(
+            f"no TVM RPC server registered with key {cfg.tracker_key!r} at the tracker {where} "
+            f"(registered keys: {', '.join(keys) or 'none'}); start one on the device with `python -m "
+            f"tvm.exec.rpc_server --tracker {where} --key {cfg.tracker_key}`"
+        )
 
 
 def _runner(spec: TargetSpec, rpc: dict[str, Any] | None):
@@ -134,14 +179,20 @@ def _runner(spec: TargetSpec, rpc: dict[str, Any] | None):
         host, _, port = str(rpc.get("tracker", "")).rpartition(":")
         if not host or not port.isdigit() or not rpc.get("key"):
             raise TuningError("RPC tuning needs --rpc-tracker HOST:PORT and --rpc-key KEY")
-        cfg = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=str(rpc["key"]),
-                                  session_timeout_sec=int(rpc.get("timeout", 60)))
+        cfg = ms.runner.RPCConfig(
+            tracker_host=host,
+            tracker_port=int(port),
+            tracker_key=str(rpc["key"]),
+            session_timeout_sec=int(rpc.get("timeout", 60)),
+        )
+        _check_tracker(cfg)
         return ms.runner.RPCRunner(cfg, evaluator_config=evaluator, max_workers=1)
     if spec.arch != platform.machine():
         raise TuningError(
             f"tuning for {spec.name} must measure on a {spec.arch} device: start a TVM RPC server on it "
             f"registered with a tracker and pass --rpc-tracker HOST:PORT --rpc-key KEY "
-            f"(or compile without --tune)")
+            f"(or compile without --tune)"
+        )
     return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=30)
 
 
@@ -165,16 +216,27 @@ def _progress_callback(names: list[str], say: Callable[[str], None], budget: dic
                     st[1] = min(st[1], sum(secs) / len(secs))
             best = f"{st[1] * 1e6:.1f} us" if st[1] < math.inf else "-"
             done = sum(v[0] for v in state.values())
-            say(f"tuning {name}: {st[0]}/{budget.get(name, '?')} trials, best {best}, "
-                f"{st[2]} failed (skipped); {done} trials this run")
+            say(
+                f"tuning {name}: {st[0]}/{budget.get(name, '?')} trials, best {best}, "
+                f"{st[2]} failed (skipped); {done} trials this run"
+            )
 
     return Progress(), state
 
 
-def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_dir: str | Path | None = None,
-                rpc: dict[str, Any] | None = None, progress: Callable[[str], None] | None = None,
-                trials_per_iter: int = 16, tune_elementwise: bool = False, verbose: bool = False,
-                search: str = "evolutionary"):
+def tune_module(
+    lowered: Lowered,
+    spec: TargetSpec,
+    *,
+    trials: int = 64,
+    tuning_dir: str | Path | None = None,
+    rpc: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    trials_per_iter: int = 16,
+    tune_elementwise: bool = False,
+    verbose: bool = False,
+    search: str = "evolutionary",
+):
     """Tune ``lowered.mod`` for ``spec``; returns (module with the database's best schedules applied, info)."""
     import tvm
     from tvm import relax
@@ -193,9 +255,11 @@ def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_
         tasks = [t for t in tasks if any(f in t.task_name for f in ("conv2d", "depthwise", "dense", "pool"))] or tasks
     per_task = max(1, math.ceil(trials / max(len(tasks), 1)))
     pending = [t for t in tasks if len(_records(db, t.dispatched[0], per_task)) < per_task]
-    say(f"tuning database {work}: {len(tasks)} task(s), {len(tasks) - len(pending)} already tuned, "
-        f"{len(pending)} to tune with {per_task} trials each")
-    ran = 0
+    say(
+        f"tuning database {work}: {len(tasks)} task(s), {len(tasks) - len(pending)} already tuned, "
+        f"{len(pending)} to tune with {per_task} trials each"
+    )
+    ran = failed = 0
     if pending:
         runner = _runner(spec, rpc)
         builder = _in_process_builder(spec.compiler() if spec.cross else None)
@@ -203,37 +267,60 @@ def tune_module(lowered: Lowered, spec: TargetSpec, *, trials: int = 64, tuning_
         pop = int(min(512, max(32, 8 * per_task)))  # small budgets: a small, fast evolutionary search
         if search == "evolutionary":
             strategy = ms.search_strategy.EvolutionarySearch(
-                population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=4 if pop >= 256 else 2)
+                population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=4 if pop >= 256 else 2
+            )
             cost_model = "xgb"
         else:  # "replay": random schedules from the design space, no cost model (cheap; for smoke tests)
             strategy, cost_model = "replay-trace", "random"
         with tempfile.TemporaryDirectory(prefix="edgekit-ms-logs-") as logs:
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                pending, work_dir=logs, space=space, strategy=strategy, num_threads=os.cpu_count() or 1, seed=0)
+                pending, work_dir=logs, space=space, strategy=strategy, num_threads=os.cpu_count() or 1, seed=0
+            )
             names = [c.task_name for c in ctxs]
             remaining = {c.task_name: per_task - len(_records(db, c.mod, per_task)) for c in ctxs}
             cb, state = _progress_callback(names, say, remaining)
             callbacks = [*ms.measure_callback.MeasureCallback.create("default"), cb]
             try:
                 ms.tune.tune_tasks(
-                    tasks=ctxs, task_weights=weights, work_dir=logs,
-                    max_trials_global=sum(remaining.values()), max_trials_per_task=max(remaining.values()),
-                    num_trials_per_iter=min(trials_per_iter, max(remaining.values())), builder=builder,
-                    runner=runner, database=db, measure_callbacks=callbacks, task_scheduler="round-robin",
+                    tasks=ctxs,
+                    task_weights=weights,
+                    work_dir=logs,
+                    max_trials_global=sum(remaining.values()),
+                    max_trials_per_task=max(remaining.values()),
+                    num_trials_per_iter=min(trials_per_iter, max(remaining.values())),
+                    builder=builder,
+                    runner=runner,
+                    database=db,
+                    measure_callbacks=callbacks,
+                    task_scheduler="round-robin",
                     cost_model=cost_model,
                 )
             except KeyboardInterrupt:
                 say(f"tuning interrupted: measured records are kept in {work}; run again to resume")
                 raise
             ran = sum(v[0] for v in state.values())
+            failed = sum(v[2] for v in state.values())
     with target, db:
         mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered.mod)
     mod, dropped = _drop_unbuildable(mod, lowered.mod, target, say)
-    applied = sum(1 for _gv, f in mod.functions.items()
-                  if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and f.attrs.get("tirx.is_scheduled")
-                  and gv_untouched(_gv, lowered.mod))
-    info = {"tuned": True, "tuning_db": str(work), "tuning_tasks": len(tasks), "tuned_kernels": applied,
-            "tuning_trials_run": ran, "tuning_seconds": round(time.time() - t0, 1),
-            "tuning_measured_on": "rpc:" + str(rpc["key"]) if rpc else "local", "tuning_dropped": dropped}
+    applied = sum(
+        1
+        for _gv, f in mod.functions.items()
+        if isinstance(f, tvm.tirx.PrimFunc)
+        and f.attrs is not None
+        and f.attrs.get("tirx.is_scheduled")
+        and gv_untouched(_gv, lowered.mod)
+    )
+    info = {
+        "tuned": True,
+        "tuning_db": str(work),
+        "tuning_tasks": len(tasks),
+        "tuned_kernels": applied,
+        "tuning_trials_run": ran,
+        "tuning_trials_failed": failed,
+        "tuning_seconds": round(time.time() - t0, 1),
+        "tuning_measured_on": f"rpc:{rpc['tracker']}/{rpc['key']}" if rpc else "local",
+        "tuning_dropped": dropped,
+    }
     say(f"tuning done: {ran} trials this run, {applied} kernels use tuned schedules ({info['tuning_seconds']} s)")
     return mod, info

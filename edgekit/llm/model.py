@@ -18,6 +18,19 @@ from edgekit.errors import ModelFormatError
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 
+# each decoder tensor -> its name under model.layers.{i}. in Hugging Face Llama checkpoints
+HF_LAYER_NAMES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+}
+
 
 @dataclass
 class LlamaConfig:
@@ -249,18 +262,7 @@ def load_safetensors(path: str | Path) -> LlamaModel:
         eos_token_id=hf.get("eos_token_id"),
     )
     p = "model.layers.{}."
-    names = {
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj",
-        "up": "mlp.up_proj",
-        "down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
-    }
-    layers = [{k: sd[p.format(i) + n + ".weight"] for k, n in names.items()} for i in range(cfg.layers)]
+    layers = [{k: sd[p.format(i) + n + ".weight"] for k, n in HF_LAYER_NAMES.items()} for i in range(cfg.layers)]
     head = None if cfg.tie_embeddings else sd.get("lm_head.weight")
     tok = None
     if (folder / "tokenizer.json").exists():
@@ -285,20 +287,9 @@ def save_safetensors(model: LlamaModel, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
-    names = {
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj",
-        "up": "mlp.up_proj",
-        "down": "mlp.down_proj",
-        "attn_norm": "input_layernorm",
-        "mlp_norm": "post_attention_layernorm",
-    }
     sd = {"model.embed_tokens.weight": model.embed, "model.norm.weight": model.norm}
     for i, lw in enumerate(model.layers):
-        for k, n in names.items():
+        for k, n in HF_LAYER_NAMES.items():
             sd[f"model.layers.{i}.{n}.weight"] = lw[k]
     if model.lm_head is not None:
         sd["lm_head.weight"] = model.lm_head

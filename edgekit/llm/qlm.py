@@ -62,6 +62,16 @@ LAYER_ACTS = (
     "res_out",
 )
 GLOBAL_ACTS = ("embed", "final_in")
+# each decoder linear -> the activation it reads
+LINEAR_INPUTS = {
+    "q": "attn_in",
+    "k": "attn_in",
+    "v": "attn_in",
+    "o": "attn_out",
+    "gate": "mlp_in",
+    "up": "mlp_in",
+    "down": "h",
+}
 # kept at 16 bits by default: the residual stream, the outputs added to it, softmax, the lm_head input
 # "h" (SiLU(gate) * up, the down projection's input) is the outlier-heavy activation of SmolLM2: at 8 bits
 # it alone costs +50% perplexity under RTN; at 16 bits MobileQuant W8A8 lands within 2% of float
@@ -278,17 +288,8 @@ def accumulator_bits(qm: QuantLM) -> dict[str, int]:
         bound = xmax * np.abs(lin.weight.astype(np.int64)).sum(1) + np.abs(lin.bias.astype(np.int64))
         return int(bound.max()).bit_length() + 1
 
-    inputs = {
-        "q": "attn_in",
-        "k": "attn_in",
-        "v": "attn_in",
-        "o": "attn_out",
-        "gate": "mlp_in",
-        "up": "mlp_in",
-        "down": "h",
-    }
     for i, (lw, a) in enumerate(zip(qm.layers, qm.acts, strict=True)):
-        for k, src in inputs.items():
+        for k, src in LINEAR_INPUTS.items():
             out[f"{i}.{k}"] = bits(lw[k], a[src])
     out["lm_head"] = bits(qm.head, qm.gacts["final_in"])
     return out

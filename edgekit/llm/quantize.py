@@ -25,7 +25,7 @@ import numpy as np
 
 from edgekit.errors import CalibrationError, QuantizationError
 from edgekit.llm.model import LlamaModel
-from edgekit.llm.qlm import GLOBAL_ACTS, LAYER_ACTS, ActQ, QLinear, QuantLM
+from edgekit.llm.qlm import GLOBAL_ACTS, LAYER_ACTS, LINEAR_INPUTS, ActQ, QLinear, QuantLM
 from edgekit.llm.sim import (
     NpOps,
     Observer,
@@ -241,15 +241,6 @@ def build_quantlm(
         {n: ActQ.from_range(*map(float, qp.ranges[i][n]), scheme.bits(n)) for n in LAYER_ACTS} for i in range(c.layers)
     ]
     gacts = {n: ActQ.from_range(*map(float, qp.granges[n]), scheme.bits(n)) for n in GLOBAL_ACTS}
-    inputs = {
-        "q": "attn_in",
-        "k": "attn_in",
-        "v": "attn_in",
-        "o": "attn_out",
-        "gate": "mlp_in",
-        "up": "mlp_in",
-        "down": "h",
-    }
     layers = []
     for i, lw in enumerate(model.layers):
         p = {k: np.asarray(ops.np(v), np.float32) for k, v in qp.layers[i].items()}
@@ -258,9 +249,10 @@ def build_quantlm(
             k: np.asarray(f[k], np.float32) for k in ("attn_norm", "attn_norm_bias", "mlp_norm", "mlp_norm_bias")
         }
         for k in LINS:
-            hs = None if hessians is None else hessians.get(f"{i}.{inputs[k]}")
+            src = LINEAR_INPUTS[k]
+            hs = None if hessians is None else hessians.get(f"{i}.{src}")
             d[k] = quantize_linear(
-                f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][inputs[k]].scale, scheme.group_size, hs
+                f[k], f[k + "_b"], p["clip_" + k], scheme.weight_bits, acts[i][src].scale, scheme.group_size, hs
             )
         layers.append(d)
     ones = np.ones(model.embed.shape[0], np.float32)

@@ -33,13 +33,16 @@ def _tiny(seed: int = 0):
     return g.output(g.conv(x, 16, 3, 1))
 
 
+def _tune_tiny(out: Path, db: Path, target: str = "host", **kw):
+    """Tune the tiny model's plain TE conv for ``target`` with 2 trials into the database ``db``."""
+    return compile_model(_tiny(), target, out, tune=True, trials=2, tuning_dir=db, tensorize=False, **kw)
+
+
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory):
     """One tuning run (1 task, 2 trials) whose database the other tests reuse."""
     d = tmp_path_factory.mktemp("tune")
-    r = compile_model(
-        _tiny(), "host", d / "t1.tar", tune=True, trials=2, tuning_dir=d / "db", tune_options=CHEAP, tensorize=False
-    )
+    r = _tune_tiny(d / "t1.tar", d / "db", tune_options=CHEAP)
     return d, r
 
 
@@ -54,7 +57,7 @@ def test_tune_bit_exact(tuned):
 
 def test_second_compile_reuses_the_database(tuned):
     d, r1 = tuned
-    r2 = compile_model(_tiny(), "host", d / "t2.tar", tune=True, trials=2, tuning_dir=d / "db", tensorize=False)
+    r2 = _tune_tiny(d / "t2.tar", d / "db")
     ex2 = r2.manifest["extra"]
     assert ex2["tuning_trials_run"] == 0 and ex2["tuned_kernels"] == 1
     assert ex2["verified"]["mismatches"] == 0 and ex2["tuning_seconds"] < 10
@@ -73,7 +76,7 @@ def test_mismatching_tuned_build_falls_back_to_untuned(tuned, monkeypatch):
         return res
 
     monkeypatch.setattr(build, "verify_library", flaky)
-    r = compile_model(_tiny(), "host", d / "t3.tar", tune=True, trials=2, tuning_dir=d / "db", tensorize=False)
+    r = _tune_tiny(d / "t3.tar", d / "db")
     ex = r.manifest["extra"]
     assert ex["tuned"] is False and "mismatching" in ex["tuning_rejected"]
     assert len(calls) == 2 and ex["verified"]["mismatches"] == 0
@@ -81,16 +84,7 @@ def test_mismatching_tuned_build_falls_back_to_untuned(tuned, monkeypatch):
 
 def test_cross_target_tuning_needs_a_device(tmp_path):
     with pytest.raises(TuningError, match="--rpc-tracker HOST:PORT --rpc-key KEY"):
-        compile_model(
-            _tiny(),
-            "rpi4",
-            tmp_path / "t.tar",
-            tune=True,
-            trials=2,
-            tuning_dir=tmp_path / "db",
-            verify=False,
-            tensorize=False,
-        )
+        _tune_tiny(tmp_path / "t.tar", tmp_path / "db", target="rpi4", verify=False)
 
 
 def test_hand_scheduled_model_has_nothing_to_tune(tmp_path):
@@ -183,17 +177,7 @@ def test_tune_measures_through_an_rpc_tracker(rpc_tracker, tmp_path, monkeypatch
 
     monkeypatch.setattr(runner, "LocalRunner", no_local)
     rpc = {"tracker": rpc_tracker, "key": "ektune", "timeout": 30}
-    r = compile_model(
-        _tiny(),
-        "host",
-        tmp_path / "t.tar",
-        tune=True,
-        trials=2,
-        tuning_dir=tmp_path / "db",
-        rpc=rpc,
-        tune_options=CHEAP,
-        tensorize=False,
-    )
+    r = _tune_tiny(tmp_path / "t.tar", tmp_path / "db", rpc=rpc, tune_options=CHEAP)
     ex = r.manifest["extra"]
     assert ex["tuned"] is True and ex["tuning_measured_on"] == f"rpc:{rpc_tracker}/ektune"
     assert ex["tuning_trials_run"] >= 1 and ex["tuning_trials_failed"] == 0 and ex["tuned_kernels"] == 1
@@ -217,15 +201,5 @@ def test_unreachable_rpc_tracker_or_unknown_key_is_a_clear_error(rpc_tracker, tm
     ]:
         t0 = time.monotonic()
         with pytest.raises(TuningError, match=msg):
-            compile_model(
-                _tiny(),
-                "host",
-                tmp_path / "t.tar",
-                tune=True,
-                trials=2,
-                tuning_dir=tmp_path / "db",
-                rpc=rpc,
-                tune_options=CHEAP,
-                tensorize=False,
-            )
+            _tune_tiny(tmp_path / "t.tar", tmp_path / "db", rpc=rpc, tune_options=CHEAP)
         assert time.monotonic() - t0 < 20

@@ -159,15 +159,20 @@ class Stream:
                     pass
 
 
-def service_shell(stream: Stream, command: str) -> None:
-    """Legacy shell: stdout and stderr merged onto the stream, host bytes to stdin, no exit code."""
-    proc = subprocess.Popen(
+def _spawn_shell(command: str, stderr: int) -> subprocess.Popen:
+    """``sh -c COMMAND`` (an interactive ``sh -i`` for an empty one) in its own session, stdin/stdout piped."""
+    return subprocess.Popen(
         ["/bin/sh", "-c", command] if command else ["/bin/sh", "-i"],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         start_new_session=True,
     )
+
+
+def service_shell(stream: Stream, command: str) -> None:
+    """Legacy shell: stdout and stderr merged onto the stream, host bytes to stdin, no exit code."""
+    proc = _spawn_shell(command, stderr=subprocess.STDOUT)
 
     def pump_in() -> None:
         try:
@@ -201,13 +206,7 @@ SHELL_PACKET = struct.Struct("<BI")
 def service_shell_v2(stream: Stream, command: str) -> None:
     """The shell protocol (feature ``shell_v2``): stdin, stdout and stderr as separate packets
     ``[id u8][length u32][data]``, and the exit status as a last packet, so ``adb shell`` returns it."""
-    proc = subprocess.Popen(
-        ["/bin/sh", "-c", command] if command else ["/bin/sh", "-i"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = _spawn_shell(command, stderr=subprocess.PIPE)
     lock = threading.Lock()
 
     def send(ident: int, data: bytes) -> None:

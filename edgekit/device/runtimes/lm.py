@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.device.runtimes.base import AgentError, LoadedModel
+from edgekit.device.runtimes.tvm_runner import DEFAULT_PREFIX
 
 TVM_LIB_ENV = "EDGEKIT_TVM_LIB"
-TVM_LIB_DIRS = ("/opt/edgekit-tvm/lib",)
+TVM_LIB_DIRS = (str(DEFAULT_PREFIX / "lib"),)  # where the tvm runtime (ek_runner) installs them too
 
 
 class LMModel(LoadedModel):

@@ -1,7 +1,7 @@
 """Hand schedules for the kernels that are not tensorized: depthwise conv2d (channels vectorized,
 a tile of output columns accumulated in registers), pooling and the elementwise / data-movement
-kernels (rows parallel, innermost axis vectorized). ``schedule_family`` picks one by kernel family
-and leaves a kernel unscheduled (still correct, only slower) when TVM refuses a schedule.
+kernels (rows parallel, innermost axis vectorized). ``kernels.space`` picks one by kernel kind,
+with its knobs.
 """
 
 from __future__ import annotations
@@ -66,27 +66,3 @@ def schedule_elementwise(sch, name: str) -> None:
     sch.vectorize(inner)
     if _extent(sch, outer) >= 16:
         sch.parallel(outer)
-
-
-def schedule_family(func, family: str):
-    """``func`` scheduled for its kernel ``family`` (marked ``tirx.is_scheduled`` so tuning leaves it),
-    or ``func`` unchanged when the family has no hand schedule or TVM rejects it."""
-    from tvm import s_tir
-
-    base = family.removesuffix("_int4")
-    sch = s_tir.Schedule(func)
-    try:
-        if base == "depthwise":
-            schedule_depthwise(sch)
-        elif base == "pool":
-            schedule_pool(sch)
-        elif base in ELEMENTWISE:
-            names = [b for b in sorted(ELEMENTWISE) if _has_block(sch, b)]
-            if len(names) != 1:
-                return func
-            schedule_elementwise(sch, names[0])
-        else:
-            return func
-    except Exception:  # noqa: BLE001 - an unschedulable kernel stays correct, just unscheduled
-        return func
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)

@@ -172,21 +172,26 @@ def dense_tensorized(
     return epilogue(acc, bias, m, shift, zout, act_min, act_max)
 
 
-def schedule_gemm(sch, intrin: str, threads: int = 1, row_block: int = 4) -> None:
-    """Tensorize the ``gemm_acc`` block of ``sch`` with ``intrin``; rows blocked by ``row_block``,
-    the outer loop parallel when ``threads`` > 1; the [M, N] view of the accumulators is inlined."""
+def schedule_gemm(sch, intrin: str, threads: int = 1, row_block: int = 4, col_block: int = 1) -> None:
+    """Tensorize the ``gemm_acc`` block of ``sch`` with ``intrin``: a register tile of ``row_block`` rows x
+    ``col_block`` blocks of ``nb`` columns accumulates across the whole K loop (the intrinsic does
+    nb x kb); the outer loop is parallel when ``threads`` > 1; the [M, N] view of the accumulators is
+    inlined. Blocks that do not divide M / N/nb fall back to the largest divisor below them."""
     blk = sch.get_sblock("gemm_acc")
     i, jo, ji, ko, ki = sch.get_loops(blk)
-    m = int(sch.get(i).extent)
-    rb = row_block if m % row_block == 0 else 1
+    rb = _divisor(_extent(sch, i), row_block)
+    cb = _divisor(_extent(sch, jo), col_block)
     io, ii = sch.split(i, [None, rb])
-    sch.reorder(io, jo, ko, ii, ji, ki)
+    joo, joi = sch.split(jo, [None, cb])
+    sch.reorder(io, joo, ko, ii, joi, ji, ki)
     if threads > 1:
-        outer = sch.fuse(io, jo) if m // rb < threads * 2 else io
+        outer = sch.fuse(io, joo) if _extent(sch, io) < threads * 2 else io
         sch.parallel(outer)
-        ko = sch.get_loops(blk)[-4]
+    ko = sch.get_loops(blk)[-5]
     sch.decompose_reduction(blk, ko)
     sch.tensorize(sch.get_loops(blk)[-2], intrin)
+    sch.unroll(ii)
+    sch.unroll(joi)
     try:
         sch.compute_inline(sch.get_sblock("acc"))
     except Exception:  # noqa: BLE001 - not every caller has the reshape stage
@@ -233,28 +238,33 @@ def schedule_rowwise(sch, block, parallel_axes: int = 2) -> None:
     _vector_split(sch, sch.get_loops(block)[-1])
 
 
-def schedule_conv(sch, intrin: str, ow_block: int = 8, oc_block: int = 2) -> None:
-    """Tensorize ``kernels.conv2d.conv2d_dot``: rows (n, oh) parallel; per tile of ``ow_block`` output
-    columns x ``oc_block`` channel blocks the accumulators stay in registers across the (kh, kw, I/kb)
-    reduction, the intrinsic does (nb x kb); the requantization epilogue runs per column tile while
-    the accumulators are in cache."""
+def schedule_conv(
+    sch, intrin: str, ow_block: int = 8, oc_block: int = 2, oh_block: int = 1, window_outer: bool = True
+) -> None:
+    """Tensorize ``kernels.conv2d.conv2d_dot``: row blocks (n, oh / ``oh_block``) parallel; per register
+    tile of ``oh_block`` rows x ``ow_block`` output columns x ``oc_block`` channel blocks the accumulators
+    stay in registers across the (kh, kw, I/kb) reduction (window loops outside the channel blocks when
+    ``window_outer``), the intrinsic does (nb x kb); the requantization epilogue runs per tile while the
+    accumulators are in cache. Blocks that do not divide their extent fall back to the largest divisor."""
     blk = sch.get_sblock("conv_acc")
     b, i, j, ob, oi, rh, rw, rco, rci = sch.get_loops(blk)
+    io, ih = sch.split(i, [None, _divisor(_extent(sch, i), oh_block)])
     jo, jw = sch.split(j, [None, _divisor(_extent(sch, j), ow_block)])
-    on = _extent(sch, ob)
-    obo, obi = sch.split(ob, [None, oc_block if on % oc_block == 0 else 1])
-    sch.reorder(b, i, jo, obo, rh, rw, rco, jw, obi, oi, rci)
-    row = sch.fuse(b, i)
+    obo, obi = sch.split(ob, [None, _divisor(_extent(sch, ob), oc_block)])
+    red = (rh, rw, rco) if window_outer else (rco, rh, rw)
+    sch.reorder(b, io, jo, obo, *red, ih, jw, obi, oi, rci)
+    row = sch.fuse(b, io)
     sch.parallel(row)
     sch.compute_inline(sch.get_sblock("acc"))
     req = sch.get_sblock("requant")
     sch.reverse_compute_at(req, jo)
-    inner = sch.get_loops(req)[2:]  # below (row, jo): [pixel (absent when 1 wide),] [channel (absent if 1)]
+    inner = sch.get_loops(req)[2:]  # below (row, jo): [rows,] [pixels,] channels (unit loops are absent)
     cho = _vector_split(sch, inner[-1], (16, 8, 4)) if inner else None
-    if cho is not None and len(inner) == 2:  # channel blocks outside the pixels: constants stay in registers
+    if cho is not None and len(inner) >= 2:  # channel blocks outside the pixels: constants stay in registers
         sch.reorder(cho, inner[0])
-    sch.decompose_reduction(blk, rh)
+    sch.decompose_reduction(blk, red[0])
     sch.tensorize(oi, intrin)
+    sch.unroll(ih)
     sch.unroll(jw)
     sch.unroll(obi)
     act = sch.get_sblock("act")

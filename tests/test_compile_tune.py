@@ -25,8 +25,8 @@ from edgekit.compile.tune import TuningError  # noqa: E402
 CHEAP = {"search": "replay"}
 
 
-# The tests tune the plain TE conv (tensorize=False): with the target's dot-product intrinsic every
-# kernel of this model is hand-scheduled and MetaSchedule has nothing to tune (last test).
+# Most tests tune the plain TE conv (tensorize=False, MetaSchedule's generic rules); one tunes the
+# tensorized conv over its knobs (test_tensorized_kernels_are_tuned_over_their_knobs).
 def _tiny(seed: int = 0):
     g = synth.GraphBuilder("tiny", seed=seed)
     x = g.input((1, 12, 12, 8))
@@ -87,15 +87,25 @@ def test_cross_target_tuning_needs_a_device(tmp_path):
         _tune_tiny(tmp_path / "t.tar", tmp_path / "db", target="rpi4", verify=False)
 
 
-def test_hand_scheduled_model_has_nothing_to_tune(tmp_path):
+def test_tensorized_kernels_are_tuned_over_their_knobs(tmp_path):
+    """With the target's dot-product intrinsic the conv is edgekit's tensorized kernel; tuning searches
+    its knobs (register tile, loop order), keeps a tensorized schedule, stays bit-exact, and a second
+    compile with the same budget measures nothing new."""
     from edgekit.compile.targets import get_target
     from kernels.tensorize import intrin_for
 
-    if intrin_for(get_target("host").tvm_target()) is None:
-        pytest.skip("no dot-product intrinsic on this CPU: the conv is tuned, not hand-scheduled")
-    r = compile_model(_tiny(), "host", tmp_path / "t.tar", tune=True, trials=2, tuning_dir=tmp_path / "db")
+    intrin = intrin_for(get_target("host").tvm_target())
+    if intrin is None:
+        pytest.skip("no dot-product intrinsic on this CPU: the conv is tuned by the generic rules")
+    db = tmp_path / "db"
+    r = compile_model(_tiny(), "host", tmp_path / "t.tar", tune=True, trials=6, tuning_dir=db)
     ex = r.manifest["extra"]
-    assert ex["tuning_tasks"] == 0 and ex["tuning_trials_run"] == 0 and ex["verified"]["mismatches"] == 0
+    assert ex["tuning_tasks"] == 1 and ex["tuned_kernels"] == 1 and ex["tuning_trials_run"] >= 2
+    assert ex["verified"]["mismatches"] == 0 and ex["tuning_trials_failed"] == 0
+    records = (db / "database_tuning_record.json").read_text()
+    assert records.count(intrin) >= ex["tuning_trials_run"]  # every measured candidate is tensorized
+    again = compile_model(_tiny(), "host", tmp_path / "t2.tar", tune=True, trials=6, tuning_dir=db)
+    assert again.manifest["extra"]["tuning_trials_run"] == 0 and again.manifest["extra"]["tuned_kernels"] == 1
 
 
 def _free_port() -> int:

@@ -196,3 +196,74 @@ def test_arm_conv_odd_shapes_bit_exact_under_qemu(target, tmp_path):
         ex = res.manifest["extra"]
         assert ex["verified"]["mismatches"] == 0 and ex["verified"]["how"].startswith("qemu-user")
         assert "conv2d_" + intrin + ("_int4" if bits == 4 else "") in ex["kernels"]
+
+
+# ---- the tuner's design space: every knob setting is the same function ----------------------------
+
+
+def _kernel_calls(mod):
+    """(global var, arguments, output shape, output dtype) of each call_tir in ``main``; constant
+    arguments as arrays, activations as their Relax variables."""
+    from tvm import relax
+
+    calls = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.op.name == "relax.call_tir":
+            gv, args = e.args[0], e.args[1]
+            feed = [a.value.numpy() if isinstance(a, tvm.ir.expr.Constant) else a for a in args.fields]
+            calls.append((gv, feed, [int(d) for d in e.ty.shape], str(e.ty.dtype)))
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    return calls
+
+
+@pytest.mark.skipif(kt.intrin_for(HOST) != kt.VNNI_INTRIN, reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_every_knob_setting_is_bit_exact(bits):
+    """Each candidate schedule the tuner may pick (register tiles, loop orders) of every conv, depthwise
+    and dense kernel computes exactly what the default schedule computes, on the kernel's real weights
+    and rescales and random activations (the int4 graph: a seeded sample of 6 candidates per kernel)."""
+    from kernels import space as ks
+
+    g = synth.GraphBuilder(f"knobs_w{bits}", seed=3, weight_bits=bits)
+    x = g.input((1, 9, 11, 3))
+    x = g.conv(x, 20, 3, 1)
+    x = g.conv(x, 20, 3, 1, groups=20)
+    x = g.conv(x, 36, 3, 2)
+    x = g.conv(x, 40, 1)
+    x = g.reshape(x, [None, 5 * 6 * 40])
+    qm = g.output(g.dense(x, 10, bits=8))
+    low = lower(qm, 2, HOST)
+    rng = np.random.default_rng(bits)
+    kinds, tried = set(), 0
+    for gv, args, shape, dtype in _kernel_calls(low.mod):
+        raw = low.unscheduled[gv]
+        kind, _ = ks.kind_and_intrin(raw)
+        if kind not in ks.TUNABLE:
+            continue
+        kinds.add(kind)
+        feed = [
+            tvm.runtime.tensor(
+                a
+                if isinstance(a, np.ndarray)
+                else rng.integers(-128, 128, size=[int(d) for d in a.ty.shape]).astype(np.int8)
+            )
+            for a in args
+        ]
+
+        def run(func, feed=feed, shape=shape, dtype=dtype):
+            f = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), HOST)
+            out = tvm.runtime.tensor(np.zeros(shape, dtype))
+            f(*feed, out)
+            return out.numpy()
+
+        want = run(low.mod[gv])
+        cands = ks.design_space(tvm.s_tir.Schedule(raw))
+        assert len(cands) > 1, f"{gv.name_hint}: nothing to tune"
+        if bits == 4:
+            cands = [cands[i] for i in rng.choice(len(cands), size=min(6, len(cands)), replace=False)]
+        for c in cands:
+            np.testing.assert_array_equal(run(c.mod["main"]), want, err_msg=f"{gv.name_hint}\n{c.trace}")
+            tried += 1
+    assert kinds == set(ks.TUNABLE) and tried >= 15

@@ -26,7 +26,7 @@ from kernels import int4 as kint4
 from kernels import layout as klayout
 from kernels import pool as kpool
 from kernels import requant as kreq
-from kernels import schedule as ksched
+from kernels import space as kspace
 from kernels import tensorize as ktz
 
 SUPPORTED = {
@@ -56,6 +56,7 @@ class Lowered:
     outputs: list[dict[str, Any]]
     weight_bytes: int = 0  # bytes of weight constants as stored in the library
     kernels: dict[str, str] = field(default_factory=dict)  # primfunc -> kernel family
+    unscheduled: tvm.IRModule | None = None  # ``mod`` before the default schedules (what tuning starts from)
 
 
 def _name(s: str) -> str:
@@ -412,25 +413,17 @@ class _Lowerer:
                     "epilogue": list(o.epilogue),
                 }
             )
-        mod = self.bb.get()
-        for gv in list(mod.functions.keys()):
-            if gv.name_hint in self.scheduled:
-                mod[gv] = _schedule_tensorized(mod[gv], self.scheduled[gv.name_hint], self.threads)
-            elif gv.name_hint in self.kernels and isinstance(mod[gv], tvm.tirx.PrimFunc):
-                mod[gv] = ksched.schedule_family(mod[gv], self.kernels[gv.name_hint])
-        return Lowered(mod, in_infos, out_infos, self.weight_bytes, self.kernels)
-
-
-def _schedule_tensorized(func, how: tuple[str, str], threads: int):
-    from tvm import s_tir
-
-    kind, intrin = how
-    sch = s_tir.Schedule(func)
-    if kind == "conv":
-        ktz.schedule_conv(sch, intrin)
-    else:
-        ktz.schedule_gemm(sch, intrin, threads=threads)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        raw = self.bb.get()
+        for gv in list(raw.functions.keys()):
+            f = raw[gv]
+            if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint in self.kernels:
+                kind, intrin = self.scheduled.get(gv.name_hint, (kspace.kind_of(self.kernels[gv.name_hint]), None))
+                raw[gv] = kspace.tag(f, kind, intrin)
+        mod = tvm.IRModule(dict(raw.functions), attrs=raw.attrs)
+        for gv, f in raw.functions.items():
+            if isinstance(f, tvm.tirx.PrimFunc):
+                mod[gv] = kspace.schedule_default(f, self.threads)
+        return Lowered(mod, in_infos, out_infos, self.weight_bytes, self.kernels, unscheduled=raw)
 
 
 def lower(qm: QuantModel, batch: int = 1, target=None, tensorize: bool = True) -> Lowered:

@@ -5,9 +5,14 @@ distinct kernel shape; weights are arguments, so equal layers of different model
 that already hold enough records are not tuned again, so a second compile is fast and an
 interrupted run resumes where it stopped. Measurements run locally (host targets) or on a
 device through a TVM RPC tracker; builds or runs that crash or time out are recorded as failed
-and skipped. Only generic schedule rules are used (no auto-tensorization: on plain weight
-layouts MetaSchedule's tensorized kernels were measured wrong); the caller checks bit-exactness
-of the tuned build and falls back to untuned kernels on any mismatch.
+and skipped.
+
+Two kinds of task. edgekit's own tensorized kernels (conv, dense/GEMM, depthwise) are searched over
+their knobs (register tile shape, loop order; ``kernels.space.design_space``), so a tuned kernel is
+one of edgekit's schedules with the knobs that measured fastest on the target. Kernels without a
+hand schedule (``tensorize=False``) get MetaSchedule's generic rules (no auto-tensorization: on
+plain weight layouts its tensorized kernels were measured wrong). The caller checks bit-exactness
+of the tuned build and falls back to the untuned kernels on any mismatch.
 """
 
 from __future__ import annotations
@@ -78,34 +83,42 @@ def _in_process_builder(cross_cc: str | None):
     return InProcessBuilder()
 
 
-def _scheduled(task) -> bool:
-    for f in task.mod.functions.values():
-        if f.attrs is not None and f.attrs.get("tirx.is_scheduled"):
-            return True
-    return False
+def _task_kind(task) -> str | None:
+    """The schedule kind of an extracted task's kernel (None: no hand schedule)."""
+    from kernels import space as kspace
+
+    for f in task.dispatched[0].functions.values():
+        kind, _intrin = kspace.kind_and_intrin(f)
+        if kind is not None:
+            return kind
+    return None
 
 
-def gv_untouched(gv, original) -> bool:
-    """True when ``gv`` was not scheduled before tuning (i.e. tuning, not lowering, scheduled it)."""
-    f = original[gv] if gv in original.functions else None
-    return f is None or f.attrs is None or not f.attrs.get("tirx.is_scheduled")
+def _space_size(task) -> int:
+    """Candidates a knob task can offer (unbounded for MetaSchedule's generic rules)."""
+    from kernels import space as kspace
+
+    if _task_kind(task) not in kspace.TUNABLE:
+        return 1 << 30
+    func = next(f for f in task.dispatched[0].functions.values() if kspace.kind_and_intrin(f)[0])
+    return kspace.space_size(func)
 
 
-def _drop_unbuildable(mod, original, target, say) -> tuple[object, list[str]]:
+def _is_scheduled(f) -> bool:
+    return f.attrs is not None and bool(f.attrs.get("tirx.is_scheduled", False))
+
+
+def _drop_unbuildable(mod, fallback, tuned: list, target, say) -> tuple[object, list[str]]:
     """Compile every tuned kernel alone; one that fails (a TVM codegen bug for that schedule)
-    goes back to its untuned form instead of failing the whole model."""
+    goes back to its untuned form (from ``fallback``) instead of failing the whole model."""
     import tvm
 
     dropped = []
-    for gv, f in list(mod.functions.items()):
-        if not isinstance(f, tvm.tirx.PrimFunc) or f.attrs is None or not f.attrs.get("tirx.is_scheduled"):
-            continue
-        if not gv_untouched(gv, original):
-            continue
+    for gv in tuned:
         try:
-            tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
+            tvm.compile(tvm.IRModule({"main": mod[gv].with_attr("global_symbol", "main")}), target)
         except Exception as exc:  # noqa: BLE001 - TVM raises many error types here
-            mod[gv] = original[gv]
+            mod[gv] = fallback[gv]
             dropped.append(gv.name_hint)
             say(
                 f"tuned schedule of {gv.name_hint} does not build ({str(exc).splitlines()[0][:80]}); "
@@ -249,12 +262,18 @@ def tune_module(
     target = spec.tvm_target()
     work = tuning_dir_for(spec, tuning_dir)
     db = _database(work)
-    tasks = ms.relax_integration.extract_tasks(lowered.mod, target)
-    tasks = [t for t in tasks if not _scheduled(t)]  # hand-scheduled (tensorized) kernels stay as they are
+    from kernels import space as kspace
+
+    start = lowered.unscheduled if lowered.unscheduled is not None else lowered.mod
+    tasks = ms.relax_integration.extract_tasks(start, target)
+    knob_tasks = [t for t in tasks if _task_kind(t) in kspace.TUNABLE]
+    generic = [t for t in tasks if _task_kind(t) is None]  # the other kinds keep their one hand schedule
     if not tune_elementwise:  # the reductions (conv, dense, pools) are where the time goes
-        tasks = [t for t in tasks if any(f in t.task_name for f in ("conv2d", "depthwise", "dense", "pool"))] or tasks
+        generic = [t for t in generic if any(f in t.task_name for f in ("conv2d", "depthwise", "dense", "pool"))]
+    tasks = knob_tasks + generic
     per_task = max(1, math.ceil(trials / max(len(tasks), 1)))
-    pending = [t for t in tasks if len(_records(db, t.dispatched[0], per_task)) < per_task]
+    want = {t.task_name: min(per_task, _space_size(t)) for t in tasks}  # a knob space may be smaller
+    pending = [t for t in tasks if len(_records(db, t.dispatched[0], per_task)) < want[t.task_name]]
     say(
         f"tuning database {work}: {len(tasks)} task(s), {len(tasks) - len(pending)} already tuned, "
         f"{len(pending)} to tune with {per_task} trials each"
@@ -263,7 +282,8 @@ def tune_module(
     if pending:
         runner = _runner(spec, rpc)
         builder = _in_process_builder(spec.compiler() if spec.cross else None)
-        space = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+        generic_space = ms.space_generator.PostOrderApply(sch_rules="llvm", postprocs="llvm", mutator_probs="llvm")
+        knob_space = ms.space_generator.ScheduleFn(kspace.design_space, sch_rules=[], postprocs=[], mutator_probs={})
         pop = int(min(512, max(32, 8 * per_task)))  # small budgets: a small, fast evolutionary search
         if search == "evolutionary":
             strategy = ms.search_strategy.EvolutionarySearch(
@@ -273,11 +293,19 @@ def tune_module(
         else:  # "replay": random schedules from the design space, no cost model (cheap; for smoke tests)
             strategy, cost_model = "replay-trace", "random"
         with tempfile.TemporaryDirectory(prefix="edgekit-ms-logs-") as logs:
-            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                pending, work_dir=logs, space=space, strategy=strategy, num_threads=os.cpu_count() or 1, seed=0
-            )
+            ctxs, weights = [], []
+            for group, space in (
+                ([t for t in pending if t in knob_tasks], knob_space),
+                ([t for t in pending if t not in knob_tasks], generic_space),
+            ):
+                if group:
+                    c, w = ms.relax_integration.extracted_tasks_to_tune_contexts(
+                        group, work_dir=logs, space=space, strategy=strategy, num_threads=os.cpu_count() or 1, seed=0
+                    )
+                    ctxs += c
+                    weights += w
             names = [c.task_name for c in ctxs]
-            remaining = {c.task_name: per_task - len(_records(db, c.mod, per_task)) for c in ctxs}
+            remaining = {c.task_name: want[c.task_name] - len(_records(db, c.mod, per_task)) for c in ctxs}
             cb, state = _progress_callback(names, say, remaining)
             callbacks = [*ms.measure_callback.MeasureCallback.create("default"), cb]
             try:
@@ -301,16 +329,15 @@ def tune_module(
             ran = sum(v[0] for v in state.values())
             failed = sum(v[2] for v in state.values())
     with target, db:
-        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(lowered.mod)
-    mod, dropped = _drop_unbuildable(mod, lowered.mod, target, say)
-    applied = sum(
-        1
-        for _gv, f in mod.functions.items()
-        if isinstance(f, tvm.tirx.PrimFunc)
-        and f.attrs is not None
-        and f.attrs.get("tirx.is_scheduled")
-        and gv_untouched(_gv, lowered.mod)
-    )
+        applied_db = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(start)
+    mod = tvm.IRModule(dict(lowered.mod.functions), attrs=lowered.mod.attrs)
+    tuned = []
+    for gv, f in applied_db.functions.items():  # kernels the database has a schedule for; the rest keep the default
+        if isinstance(f, tvm.tirx.PrimFunc) and _is_scheduled(f) and not _is_scheduled(start[gv]):
+            mod[gv] = f
+            tuned.append(gv)
+    mod, dropped = _drop_unbuildable(mod, lowered.mod, tuned, target, say)
+    applied = len(tuned) - len(dropped)
     info = {
         "tuned": True,
         "tuning_db": str(work),

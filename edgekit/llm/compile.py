@@ -261,6 +261,7 @@ def lower_linears(
     """The Relax module: ``main(buf int8[T, bytes]) -> tuple`` of every linear's output."""
     from tvm import relax, s_tir
 
+    from kernels import space as kspace
     from kernels import tensorize as ktz
 
     specs = linear_specs(qm, layers, head)
@@ -310,7 +311,7 @@ def lower_linears(
         for gv in list(mod.functions.keys()):
             if gv.name_hint in scheduled:
                 sch = s_tir.Schedule(mod[gv])
-                ktz.schedule_gemm(sch, intrin, threads=1)
+                kspace.apply_schedule(sch, "gemm", intrin, kspace.default_knobs(sch, "gemm", intrin))
                 mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return LoweredLM(mod, specs, layout, tokens, intrin, weight_bytes)
 
@@ -432,6 +433,7 @@ def build_device_linears(qm: QuantLM, target: str, out_dir: str | Path, *, tenso
     from tvm.support import cc as tcc
 
     from edgekit.compile.targets import get_target
+    from kernels import space as kspace
     from kernels import tensorize as ktz
 
     t0 = time.time()
@@ -456,7 +458,7 @@ def build_device_linears(qm: QuantLM, target: str, out_dir: str | Path, *, tenso
         f = te.create_prim_func([x, w, b, out])
         if intrin is not None:
             sch = s_tir.Schedule(f)
-            ktz.schedule_gemm(sch, intrin, threads=1)
+            kspace.apply_schedule(sch, "gemm", intrin, kspace.default_knobs(sch, "gemm", intrin))
             f = sch.mod["main"]
         funcs[name] = f.with_attr("global_symbol", name)
         arrays[name + ".w"], arrays[name + ".b"] = wp, bias

@@ -76,6 +76,26 @@ def test_artifact_manifest_and_int4_weight_bytes(tmp_path):
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), ref)
 
 
+def test_runtime_default_threads_are_pinned(tmp_path, monkeypatch):
+    """Run with the runtime default (threads 0), a TVM artifact gets TVM_NUM_THREADS set explicitly (the
+    target's default, at most the online cores): left unset, TVM re-reads /sys/devices/system/cpu/online
+    on every parallel kernel launch (+3 us per kernel here)."""
+    import os
+
+    from edgekit.device.runtimes import tvm_vm
+    from edgekit.device.runtimes.base import default_threads
+
+    cores = os.cpu_count() or 1
+    assert default_threads({"extra": {"threads": 1}}) == 1
+    assert default_threads({"extra": {"threads": 64}}) == min(64, cores)
+    assert default_threads({"extra": {}}) == cores
+    res = compile_model(synth.resnet8(0, 8), "host", tmp_path / "a.tar", verify=False)
+    unpack_artifact(res.path, tmp_path / "u")
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    tvm_vm.TVMModel(tmp_path / "u" / "model.so", res.manifest, 0)
+    assert os.environ["TVM_NUM_THREADS"] == str(min(2, cores))
+
+
 def test_builtin_targets_and_user_targets_dir(tmp_path, monkeypatch):
     found = list_targets()
     assert {"host", "rpi3", "rpi4", "rpi5", "android-arm64", "android-arm64-i8mm"} <= set(found)

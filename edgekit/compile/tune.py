@@ -206,6 +206,9 @@ def _runner(spec: TargetSpec, rpc: dict[str, Any] | None):
             f"registered with a tracker and pass --rpc-tracker HOST:PORT --rpc-key KEY "
             f"(or compile without --tune)"
         )
+    # measure with the thread count the artifact will run with; unset, every parallel kernel launch also
+    # pays a read of /sys/devices/system/cpu/online (see device.runtimes.base.default_threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(1, min(spec.threads or 1, os.cpu_count() or 1))))
     return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=30)
 
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgekit.device.runtimes.base import AgentError, LoadedModel, run_in_batches
+from edgekit.device.runtimes.base import AgentError, LoadedModel, default_threads, run_in_batches
 
 RUNNER_ENV = "EDGEKIT_TVM_RUNNER"
 RUNNER_NAME = "ek_runner"
@@ -78,8 +78,7 @@ class RunnerModel(LoadedModel):
         self.input_names = [i["name"] for i in manifest.get("inputs", [])]
         self.output_names = [o["name"] for o in manifest.get("outputs", [])] or ["output"]
         env = dict(os.environ)
-        if threads:
-            env["TVM_NUM_THREADS"] = str(threads)
+        env["TVM_NUM_THREADS"] = str(threads or default_threads(manifest))
         self._log = tempfile.TemporaryFile()
         try:
             self.proc = subprocess.Popen(

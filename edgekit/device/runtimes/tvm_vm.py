@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edgekit.device.runtimes.base import AgentError, LoadedModel, run_in_batches
+from edgekit.device.runtimes.base import AgentError, LoadedModel, default_threads, run_in_batches
 
 
 class TVMModel(LoadedModel):
@@ -16,8 +16,7 @@ class TVMModel(LoadedModel):
             from tvm import relax
         except ImportError as exc:
             raise AgentError("no TVM runtime on the device: pip install apache-tvm (aarch64 wheel)") from exc
-        if threads:
-            os.environ["TVM_NUM_THREADS"] = str(threads)
+        os.environ["TVM_NUM_THREADS"] = str(threads or default_threads(manifest))
         self.tvm = tvm
         self.dev = tvm.cpu()
         self.vm = relax.VirtualMachine(tvm.runtime.load_module(str(path)), self.dev)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from kernels.requant import c64, clamp_i8, requantize_expr
+from kernels.requant import I64, INT32_MAX, INT32_MIN, c64, clamp_i8, requantize_expr
 
 
 def broadcast_shape(*shapes) -> tuple[int, ...]:
@@ -26,9 +26,63 @@ def _at(t: te.Tensor, idx):
     return t[tuple(0 if int(d) == 1 else i for i, d in zip(sub, t.shape, strict=True))]
 
 
-def add(
-    a: te.Tensor,
-    b: te.Tensor,
+ADD_PARAMS = ("left_shift", "multiplier_a", "shift_a", "multiplier_b", "shift_b", "multiplier", "shift")
+
+
+def _rq_bound(bound: int, m: int, shift: int) -> int | None:
+    """An upper bound of ``|requantize(x, m, shift)|`` over ``|x| <= bound``, or None when the 32-bit form
+    (``requant.requantize_expr_i32``) is not exact there: ``x << max(shift, 0)`` must fit int32, ``m`` must
+    not be INT32_MIN (no SQRDMULH saturation) and the shift must lie in [-31, 30]."""
+    if not -31 <= shift <= 30 or not INT32_MIN < m <= INT32_MAX:
+        return None
+    a = bound << max(shift, 0)
+    if a > INT32_MAX:
+        return None
+    h = ((a * abs(m) + (1 << 30)) >> 31) + 1
+    n = max(-shift, 0)
+    return ((h + ((1 << n) >> 1)) >> n) + 1
+
+
+def add_narrow_ok(
+    *,
+    za: int,
+    zb: int,
+    zout: int,
+    left_shift: int,
+    multiplier_a: int,
+    shift_a: int,
+    multiplier_b: int,
+    shift_b: int,
+    multiplier: int,
+    shift: int,
+    **_,
+) -> bool:
+    """True when every intermediate of the TFLite ADD formula fits int32 for all int8 inputs, so
+    ``add_value(..., narrow=True)`` (32-bit arithmetic, one 32x32->64 multiply per rescale) is exact."""
+    if not 0 <= left_shift <= 31:
+        return False
+    xa = max(abs(-128 - za), abs(127 - za)) << left_shift
+    xb = max(abs(-128 - zb), abs(127 - zb)) << left_shift
+    if max(xa, xb) > INT32_MAX:
+        return False
+    sa, sb = _rq_bound(xa, multiplier_a, shift_a), _rq_bound(xb, multiplier_b, shift_b)
+    if sa is None or sb is None or sa + sb > INT32_MAX:
+        return False
+    y = _rq_bound(sa + sb, multiplier, shift)
+    return y is not None and y + abs(zout) <= INT32_MAX
+
+
+def _rq_i32(v, m: int, shift: int):
+    """``requant.requantize_expr_i32`` for constant (m, shift): int32 ``v`` -> int32."""
+    left, right = max(shift, 0), max(-shift, 0)
+    a = v << tirx.const(left, "int32") if left else v
+    rnd = (1 << 30) + ((1 << (right + 30)) if right else 0)
+    return ((a.astype(I64) * c64(m) + c64(rnd)) >> c64(31 + right)).astype("int32")
+
+
+def add_value(
+    va,
+    vb,
     *,
     za: int,
     zb: int,
@@ -42,16 +96,33 @@ def add(
     shift: int,
     act_min: int,
     act_max: int,
-) -> te.Tensor:
-    """TFLite ADD: both inputs shifted left, rescaled to a common scale, summed, rescaled."""
+    narrow: bool = False,
+):
+    """TFLite ADD of two int8 expressions: both shifted left, rescaled to a common scale, summed,
+    rescaled, + zout, clamped; an int8 expression. ``narrow``: in int32 (``add_narrow_ok`` must hold)."""
+    if narrow:
+        i32 = "int32"
+        xa = (va.astype(i32) - tirx.const(int(za), i32)) << tirx.const(int(left_shift), i32)
+        xb = (vb.astype(i32) - tirx.const(int(zb), i32)) << tirx.const(int(left_shift), i32)
+        sa, sb = _rq_i32(xa, multiplier_a, shift_a), _rq_i32(xb, multiplier_b, shift_b)
+        y = _rq_i32(sa + sb, multiplier, shift) + tirx.const(int(zout), i32)
+        lo, hi = max(int(act_min), -128), min(int(act_max), 127)
+        return tirx.Cast("int8", tirx.min(tirx.max(y, tirx.const(lo, i32)), tirx.const(hi, i32)))
+    xa = (va.astype("int64") - c64(za)) << c64(left_shift)
+    xb = (vb.astype("int64") - c64(zb)) << c64(left_shift)
+    sa = requantize_expr(xa, multiplier_a, shift_a)
+    sb = requantize_expr(xb, multiplier_b, shift_b)
+    return clamp_i8(requantize_expr(sa + sb, multiplier, shift) + c64(zout), act_min, act_max)
+
+
+def add(a: te.Tensor, b: te.Tensor, *, narrow: bool | None = None, **params) -> te.Tensor:
+    """TFLite ADD (``add_value``) with broadcasting; ``narrow`` None: int32 whenever ``add_narrow_ok``."""
     shape = broadcast_shape(a.shape, b.shape)
+    if narrow is None:
+        narrow = add_narrow_ok(**params)
 
     def f(*idx):
-        xa = (_at(a, idx).astype("int64") - c64(za)) << c64(left_shift)
-        xb = (_at(b, idx).astype("int64") - c64(zb)) << c64(left_shift)
-        sa = requantize_expr(xa, multiplier_a, shift_a)
-        sb = requantize_expr(xb, multiplier_b, shift_b)
-        return clamp_i8(requantize_expr(sa + sb, multiplier, shift) + c64(zout), act_min, act_max)
+        return add_value(_at(a, idx), _at(b, idx), narrow=narrow, **params)
 
     return te.compute(shape, f, name="add")
 

@@ -80,6 +80,37 @@ def _rq_i32(v, m: int, shift: int):
     return ((a.astype(I64) * c64(m) + c64(rnd)) >> c64(31 + right)).astype("int32")
 
 
+def _operand_split(z: int, left_shift: int, m: int, shift: int) -> tuple[int, int, int, int] | None:
+    """For ``requantize((v - z) << left_shift, m, shift)`` of an int8 ``v`` inside ``add_narrow_ok``:
+    (mh, ml, r, t) with the value ``d * mh + ((d * ml + r) >> t)``, ``d = v - z``, every step in int32,
+    or None when a bound does not hold. Exact: with ``p = left_shift + max(shift, 0) <= 30`` and
+    ``n = max(-shift, 0)`` the rescale is ``floor((d m 2**p + R) / 2**(31+n))``, ``R = 2**30 + [n > 0]
+    2**(30+n)`` (``requantize_expr_i32``), and 2**p divides R, so it is ``floor((d m + R/2**p) / 2**t)``,
+    ``t = 31 + n - p``; with ``m = mh 2**t + ml`` (0 <= ml < 2**t) that is ``d mh + floor((d ml + r) / 2**t)``."""
+    p, n = left_shift + max(shift, 0), max(-shift, 0)
+    if p > 30:
+        return None
+    t = 31 + n - p
+    big = (1 << 30) + ((1 << (30 + n)) if n else 0)
+    r = big >> p
+    mh, ml = m >> t, m & ((1 << t) - 1)
+    dmax = max(abs(-128 - z), abs(127 - z))
+    if dmax * abs(mh) + dmax * ml + r + 1 > INT32_MAX:
+        return None
+    return mh, ml, r, t
+
+
+def _rq_operand(v, z: int, left_shift: int, m: int, shift: int):
+    """``requantize((v - z) << left_shift, m, shift)`` for int8 ``v`` in int32 (``add_narrow_ok``)."""
+    i32 = "int32"
+    d = v.astype(i32) - tirx.const(int(z), i32)
+    split = _operand_split(z, left_shift, m, shift)
+    if split is None:
+        return _rq_i32(d << tirx.const(int(left_shift), i32), m, shift)
+    mh, ml, r, t = (tirx.const(int(c), i32) for c in split)
+    return d * mh + ((d * ml + r) >> t)
+
+
 def add_value(
     va,
     vb,
@@ -102,10 +133,11 @@ def add_value(
     rescaled, + zout, clamped; an int8 expression. ``narrow``: in int32 (``add_narrow_ok`` must hold)."""
     if narrow:
         i32 = "int32"
-        xa = (va.astype(i32) - tirx.const(int(za), i32)) << tirx.const(int(left_shift), i32)
-        xb = (vb.astype(i32) - tirx.const(int(zb), i32)) << tirx.const(int(left_shift), i32)
-        sa, sb = _rq_i32(xa, multiplier_a, shift_a), _rq_i32(xb, multiplier_b, shift_b)
-        y = _rq_i32(sa + sb, multiplier, shift) + tirx.const(int(zout), i32)
+        sa = _rq_operand(va, za, left_shift, multiplier_a, shift_a)
+        sb = _rq_operand(vb, zb, left_shift, multiplier_b, shift_b)
+        # ``^ 0``: an identity TVM's simplifier does not look through; without it, it distributes the
+        # final rescale's multiply over the sum (two 64-bit multiplies instead of one, LLVM folds the xor)
+        y = _rq_i32((sa + sb) ^ tirx.const(0, i32), multiplier, shift) + tirx.const(int(zout), i32)
         lo, hi = max(int(act_min), -128), min(int(act_max), 127)
         return tirx.Cast("int8", tirx.min(tirx.max(y, tirx.const(lo, i32)), tirx.const(hi, i32)))
     xa = (va.astype("int64") - c64(za)) << c64(left_shift)

@@ -120,6 +120,15 @@ def test_standalone_add_int32_bounds_are_exact():
         assert (
             np.abs(s).max() < 2**31 and np.abs(np.left_shift(s, max(so, 0))).max() < 2**31 and np.abs(y).max() < 2**31
         )
+        for z, m, sh in ((p["za"], ma, sa), (p["zb"], mb, sb)):  # the split operand rescale, all 256 inputs
+            split = kew._operand_split(z, ls, m, sh)
+            if split is None:
+                continue
+            mh, ml, r, t = split
+            d = np.arange(-128, 128, dtype=np.int64) - z
+            lo = d * ml + r
+            assert np.abs(d * mh).max() < 2**31 and np.abs(lo).max() < 2**31
+            np.testing.assert_array_equal(d * mh + (lo >> t), arith.requantize(np.left_shift(d, ls), m, sh))
     assert accepted >= 10
     assert not kew.add_narrow_ok(
         za=0,
@@ -133,6 +142,60 @@ def test_standalone_add_int32_bounds_are_exact():
         multiplier=2**30,
         shift=0,
     )
+
+
+def _add_params(rng, ls: int, big_a: bool = False) -> dict:
+    ma, sa = quantize_multiplier(float(rng.uniform(0.05, 1.0)) * (9.0 if big_a else 1.0))
+    mb, sb = quantize_multiplier(float(rng.uniform(0.05, 1.0)))
+    mo, so = quantize_multiplier(2.0**-ls * float(rng.uniform(0.3, 4.0)))
+    z = rng.integers(-128, 128, 3)
+    return dict(
+        za=int(z[0]),
+        zb=int(z[1]),
+        zout=int(z[2]),
+        left_shift=ls,
+        multiplier_a=ma,
+        shift_a=sa,
+        multiplier_b=mb,
+        shift_b=sb,
+        multiplier=mo,
+        shift=so,
+        act_min=-128,
+        act_max=127,
+    )
+
+
+def test_standalone_add_kernel_exact_on_every_int8_pair():
+    """The add kernel (int32 and int64 forms, the split 32-bit operand rescale and its fallback) against
+    the reference formula on all 65536 input pairs."""
+    from tvm import te
+
+    from edgekit.quant import arith
+    from kernels import schedule as ksched
+
+    target = get_target("host").tvm_target()
+    va, vb = (v.astype(np.int8) for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"))
+    rng = np.random.default_rng(5)
+    cases = [_add_params(rng, ls) for ls in (20, 20, 23, 4)] + [_add_params(rng, 16, big_a=True)]
+    cases.append(dict(cases[0], left_shift=24))  # int64 only (x << 24 does not fit int32)
+    kinds = set()
+    for p in cases:
+        narrow = kew.add_narrow_ok(**p)
+        kinds.add((narrow, kew._operand_split(p["za"], p["left_shift"], p["multiplier_a"], p["shift_a"]) is None))
+        a, b = te.placeholder(va.shape, "int8", "a"), te.placeholder(vb.shape, "int8", "b")
+        out = kew.add(a, b, **p)
+        f = ksched.schedule_family(te.create_prim_func([a, b, out]), "add")
+        lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
+        got = tvm.runtime.tensor(np.zeros(va.shape, np.int8))
+        lib["main"](tvm.runtime.tensor(va), tvm.runtime.tensor(vb), got)
+        xa = np.left_shift(va.astype(np.int64) - p["za"], p["left_shift"])
+        xb = np.left_shift(vb.astype(np.int64) - p["zb"], p["left_shift"])
+        s = arith.requantize(xa, p["multiplier_a"], p["shift_a"]) + arith.requantize(
+            xb, p["multiplier_b"], p["shift_b"]
+        )
+        want = np.clip(arith.requantize(s, p["multiplier"], p["shift"]) + p["zout"], -128, 127)
+        np.testing.assert_array_equal(got.numpy(), want.astype(np.int8), err_msg=str(p))
+    assert {(True, False), (True, True)} <= kinds and any(not narrow for narrow, _ in kinds), kinds
 
 
 def test_real_resnet8_three_fused_kernels_bit_exact(resnet8_int8, cifar_test, tmp_path):

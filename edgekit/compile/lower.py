@@ -2,7 +2,9 @@
 quantized int8 input tensor(s) and returns the int8 output tensor(s).
 
 Each operator becomes one TE kernel from ``kernels/`` (emitted with ``emit_te``, so one
-PrimFunc per node, epilogue fused); weights and per-channel rescales become constants baked
+PrimFunc per node, epilogue fused), except that a residual add whose operand comes from a conv2d
+read by nothing else is computed in that conv's epilogue (``fusion.residual_fusions``: one kernel,
+family ``<conv family>_add``, named after the add); weights and per-channel rescales become constants baked
 into the compiled library (int4 weights stay packed two per byte and are unpacked in-kernel).
 """
 

@@ -127,10 +127,12 @@ def conv2d_nhwc(
     zout: int,
     act_min: int,
     act_max: int,
+    then=None,
 ) -> te.Tensor:
-    """Fused conv2d + requantize (bias must already hold the folded input zero point)."""
+    """Fused conv2d + requantize (bias must already hold the folded input zero point); ``then``: a
+    further elementwise step in the epilogue stage (``requant.epilogue``)."""
     acc = conv2d_acc(x, w, strides=strides, dilations=dilations, pads=pads, zin=zin, groups=groups)
-    return epilogue(acc, bias, m, shift, zout, act_min, act_max)
+    return epilogue(acc, bias, m, shift, zout, act_min, act_max, then=then)
 
 
 # ---- tensorized layout: [O/nb, KH, KW, I/kb, nb, kb] (VNNI 16x4, sdot/NEON 4x4) ---------------
@@ -169,6 +171,7 @@ def conv2d_dot(
     act_min: int,
     act_max: int,
     narrow: bool | str = False,
+    then=None,
 ) -> te.Tensor:
     """conv2d (groups == 1) + requantize over ``pack_weight_dot`` weights, in the shape a dot-product
     intrinsic tensorizes: ``acc[n, oh, ow, O/nb, nb]``, reduced over (kh, kw, I/kb, kb).
@@ -176,7 +179,8 @@ def conv2d_dot(
     Stages (names the schedule relies on): ``act`` (padded, channel padded to kb with zeros, shifted
     by +128 for u8 activations; padded cells hold ``zin`` [+128]), ``conv_acc`` and ``requant``.
     The bias must come from ``fold_input_zero_point_dot`` with the same ``unsigned``; ``narrow``: the
-    32-bit epilogue (``requant.narrow_ok`` must hold)."""
+    32-bit epilogue (``requant.narrow_ok`` must hold); ``then``: a further elementwise step computed in
+    the ``requant`` stage (a fused residual add, see ``requant.epilogue``), so the schedule is unchanged."""
     on, kh, kw, ib, nb, kb = (int(d) for d in wp.shape)
     g = window(x, (kh, kw), strides, dilations, pads)
     n, h, wd, c = g.n, g.h, g.w, g.c
@@ -208,4 +212,4 @@ def conv2d_dot(
 
     acc = te.compute((n, g.oh, g.ow, on, nb), f, name="conv_acc")
     view = te.compute((n, g.oh, g.ow, out_channels), lambda b, i, j, oc: acc[b, i, j, oc // nb, oc % nb], name="acc")
-    return epilogue(view, bias, m, shift, zout, act_min, act_max, narrow=narrow)
+    return epilogue(view, bias, m, shift, zout, act_min, act_max, narrow=narrow, then=then)

@@ -89,6 +89,20 @@ def requantize_expr_i32(v, m, shift, left: bool = True) -> tirx.PrimExpr:
     return ((a.astype(I64) * m.astype(I64) + rnd) >> (right + c64(31))).astype(i32)
 
 
+def epilogue_value(v, b, m, shift, zout: int, act_min: int, act_max: int, narrow: bool | str = False):
+    """One output of ``epilogue``: int32 accumulator ``v`` (+ bias ``b`` unless None), requantized by the
+    channel's (``m``, ``shift``), + zout, clamped, as an int8 expression."""
+    if narrow:
+        lo, hi = max(int(act_min), -128), min(int(act_max), 127)
+        v = v if b is None else v + b
+        y = requantize_expr_i32(v, m, shift, left=narrow != "right") + tirx.const(int(zout), "int32")
+        return tirx.Cast("int8", tirx.min(tirx.max(y, tirx.const(lo, "int32")), tirx.const(hi, "int32")))
+    v = _i64(v)
+    if b is not None:
+        v = v + _i64(b)
+    return clamp_i8(requantize_expr(v, m, shift) + c64(zout), act_min, act_max)
+
+
 def epilogue(
     acc: te.Tensor,
     bias: te.Tensor | None,
@@ -99,27 +113,18 @@ def epilogue(
     act_max: int,
     name: str = "requant",
     narrow: bool | str = False,
+    then=None,
 ) -> te.Tensor:
     """int32 accumulators [..., O] + bias[O] -> requantize per channel -> + zout -> clamp -> int8.
     ``narrow``: 32-bit arithmetic around one 32x32->64 multiply, only when ``narrow_ok`` holds;
-    ``"right"``: also every shift <= 0 (``narrow_mode``)."""
-    if narrow:
-        lo, hi = max(int(act_min), -128), min(int(act_max), 127)
-
-        def g(*idx):
-            o = idx[-1]
-            v = acc[idx] if bias is None else acc[idx] + bias[o]
-            y = requantize_expr_i32(v, m[o], shift[o], left=narrow != "right") + tirx.const(int(zout), "int32")
-            return tirx.Cast("int8", tirx.min(tirx.max(y, tirx.const(lo, "int32")), tirx.const(hi, "int32")))
-
-        return te.compute(acc.shape, g, name=name)
+    ``"right"``: also every shift <= 0 (``narrow_mode``). ``then(y, idx)``: an int8 expression of the
+    requantized int8 ``y`` at output index ``idx`` computed in the same stage instead of ``y`` (a fused
+    residual add, ``elementwise.add_value``)."""
 
     def f(*idx):
         o = idx[-1]
-        v = _i64(acc[idx])
-        if bias is not None:
-            v = v + _i64(bias[o])
-        return clamp_i8(requantize_expr(v, m[o], shift[o]) + c64(zout), act_min, act_max)
+        y = epilogue_value(acc[idx], None if bias is None else bias[o], m[o], shift[o], zout, act_min, act_max, narrow)
+        return y if then is None else then(y, idx)
 
     return te.compute(acc.shape, f, name=name)
 

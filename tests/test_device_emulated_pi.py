@@ -174,7 +174,8 @@ def test_tvm_runner_reports_errors_and_survives_them(pi, tmp_path):
         assert ms > 0
         kernels = s.intermediates({name: x[:1]})  # every kernel's output, in call order
     np.testing.assert_array_equal(next(iter(got.values())), qm.run(x, integer=True)[qm.outputs[0].name])
-    assert len(kernels) >= 12 and np.array_equal(list(kernels.values())[-1], next(iter(got.values()))[:1])
+    # 11 kernels: 3 of the 9 convs are fused with the residual add they feed (edgekit.compile.fusion)
+    assert len(kernels) >= 11 and np.array_equal(list(kernels.values())[-1], next(iter(got.values()))[:1])
 
 
 def test_tvm_mismatch_on_the_pi_names_the_first_divergent_layer(pi, resnet8_int8, tmp_path):
@@ -189,7 +190,7 @@ def test_tvm_mismatch_on_the_pi_names_the_first_divergent_layer(pi, resnet8_int8
     assert rep["bit_exact_fraction"] < 1.0 and rep["max_lsb_diff"] > 0
     mm = rep["first_mismatch"]
     assert mm["layer"] == layer and mm["op"] == "conv2d" and mm["max_lsb_diff"] > 0, mm
-    assert mm["compared_tensors"] >= 12  # every conv, add, pool and dense kernel was mapped to its tensor
+    assert mm["compared_tensors"] >= 11  # every kernel (6 convs, 3 conv+add, pool, dense) mapped to its tensor
 
 
 def test_litert_and_onnxruntime_side_by_side_on_the_pi(pi, tmp_path, capsys):

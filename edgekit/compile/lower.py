@@ -2,7 +2,9 @@
 quantized int8 input tensor(s) and returns the int8 output tensor(s).
 
 Each operator becomes one TE kernel from ``kernels/`` (emitted with ``emit_te``, so one
-PrimFunc per node, epilogue fused); weights and per-channel rescales become constants baked
+PrimFunc per node, epilogue fused), except that a residual add whose operand comes from a conv2d
+read by nothing else is computed in that conv's epilogue (``fusion.residual_fusions``: one kernel,
+family ``<conv family>_add``, named after the add); weights and per-channel rescales become constants baked
 into the compiled library (int4 weights stay packed two per byte and are unpacked in-kernel).
 """
 
@@ -16,6 +18,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from edgekit.compile.fusion import FUSED_SUFFIX, residual_fusions
 from edgekit.errors import UnsupportedOpsError
 from edgekit.qmodel import QNode, QuantModel
 from kernels import conv2d as kconv
@@ -88,6 +91,10 @@ class _Lowerer:
         self.weight_bytes = 0
         self.kernels: dict[str, str] = {}
         self.last_hint = ""
+        # residual adds computed in the epilogue of the conv producing one operand: add -> (conv, operand)
+        self.fusions = residual_fusions(qm)
+        self.fused_convs = {conv for conv, _ in self.fusions.values()}
+        self.nodes = {n.name: n for n in qm.nodes}
 
     def zp(self, t: str) -> int:
         return int(self.qm.tensors[t].zero_point or 0)
@@ -127,8 +134,43 @@ class _Lowerer:
         m, s = self.rescale_np(node, o)
         return relax.const(m), relax.const(s)
 
+    def add_params(self, node: QNode) -> dict[str, int]:
+        a = node.attrs
+        ia, ib = node.inputs
+        p = {k: int(a[k]) for k in kew.ADD_PARAMS}
+        p.update(
+            za=self.zp(ia),
+            zb=self.zp(ib),
+            zout=self.zp(node.outputs[0]),
+            act_min=int(a.get("act_min", -128)),
+            act_max=int(a.get("act_max", 127)),
+        )
+        return p
+
+    def residual(self, add: QNode | None):
+        """For a conv fused with the residual ``add`` (``fusion.residual_fusions``): (the extra kernel
+        arguments [the add's other operand], a function of those TE tensors giving the epilogue's ``then``
+        step, the node the kernel is named after, the family suffix). Without ``add``: no change."""
+        if add is None:
+            return [], lambda *rest: None, None, ""
+        _, k = self.fusions[add.name]
+        params = self.add_params(add)
+        narrow = kew.add_narrow_ok(**params)
+
+        def make_then(ot):
+            def then(y, idx):
+                v = ot[idx]
+                va, vb = (y, v) if k == 0 else (v, y)
+                return kew.add_value(va, vb, narrow=narrow, **params)
+
+            return then
+
+        return [self.val(add.inputs[1 - k])], make_then, add, FUSED_SUFFIX
+
     # ---- operators ----------------------------------------------------------------
-    def conv2d(self, node: QNode) -> relax.Expr:
+    def conv2d(self, node: QNode, add: QNode | None = None) -> relax.Expr:
+        """A conv2d node; with ``add`` the residual add it feeds is computed in its epilogue (one kernel
+        named after the add, producing the add's output)."""
         a = node.attrs
         x = self.val(node.inputs[0])
         w, wc, bits = self.weight(node)
@@ -149,17 +191,18 @@ class _Lowerer:
         )
         depthwise = g > 1 and ipg == 1 and g == c
         if g == 1 and self.intrin is not None:
-            return self.conv2d_dot(node, x, w, bits, m, s, common)
+            return self.conv2d_dot(node, x, w, bits, m, s, common, add)
         if depthwise:
             return self.depthwise(node, x, w, bits, bias, m, s, common)
+        extra, make_then, named, suffix = self.residual(add)
 
-        def fn(xt, wt, bt, mt, st):
+        def fn(xt, wt, bt, mt, st, *rest):
             if bits == 4:
                 wt = kint4.unpack_int4_te(wt, (o, kh, kw, ipg))
-            return kconv.conv2d_nhwc(xt, wt, bt, mt, st, groups=g, **common)
+            return kconv.conv2d_nhwc(xt, wt, bt, mt, st, groups=g, then=make_then(*rest), **common)
 
-        family = "conv2d" + ("_int4" if bits == 4 else "")
-        return self.emit(family, node, fn, x, wc, relax.const(bias), m, s)
+        family = "conv2d" + ("_int4" if bits == 4 else "") + suffix
+        return self.emit(family, named or node, fn, x, wc, relax.const(bias), m, s, *extra)
 
     def depthwise(self, node: QNode, x, w: np.ndarray, bits: int, bias: np.ndarray, m, s, common: dict):
         """Depthwise conv over weights transposed to [KH, KW, O] (channels vectorize); int4 stays packed."""
@@ -177,7 +220,7 @@ class _Lowerer:
             "depthwise" + ("_int4" if bits == 4 else ""), node, fn, x, relax.const(wc), relax.const(bias), m, s
         )
 
-    def conv2d_dot(self, node: QNode, x, w: np.ndarray, bits: int, m, s, common: dict) -> relax.Expr:
+    def conv2d_dot(self, node: QNode, x, w: np.ndarray, bits: int, m, s, common: dict, add=None) -> relax.Expr:
         """groups == 1 conv over weights packed for the target's dot-product intrinsic (int4 weights
         stay packed two per byte in the blocked layout and are unpacked in the kernel)."""
         act, nb, kb = ktz.LAYOUTS[self.intrin]
@@ -194,14 +237,17 @@ class _Lowerer:
             self.weight_bytes += wp.nbytes - w.nbytes  # the packed (padded) layout is what is stored
         o = w.shape[0]
         narrow = kreq.narrow_mode(w, bias, *self.rescale_np(node, o), act_span=255 if act == "uint8" else 128)
+        extra, make_then, named, suffix = self.residual(add)
 
-        def fn(xt, wt, bt, mt, st):
+        def fn(xt, wt, bt, mt, st, *rest):
             if bits == 4:
                 wt = kint4.unpack_int4_tiles_te(wt, wp.shape)
-            return kconv.conv2d_dot(xt, wt, bt, mt, st, out_channels=o, act_dtype=act, narrow=narrow, **common)
+            return kconv.conv2d_dot(
+                xt, wt, bt, mt, st, out_channels=o, act_dtype=act, narrow=narrow, then=make_then(*rest), **common
+            )
 
-        family = f"conv2d_{self.intrin}" + ("_int4" if bits == 4 else "")
-        y = self.emit(family, node, fn, x, relax.const(wc), relax.const(bias), m, s)
+        family = f"conv2d_{self.intrin}" + ("_int4" if bits == 4 else "") + suffix
+        y = self.emit(family, named or node, fn, x, relax.const(wc), relax.const(bias), m, s, *extra)
         self.scheduled[self.last_hint] = ("conv", self.intrin)
         return y
 
@@ -242,25 +288,10 @@ class _Lowerer:
         return y
 
     def add(self, node: QNode) -> relax.Expr:
-        a = node.attrs
+        if node.name in self.fusions:
+            return self.conv2d(self.nodes[self.fusions[node.name][0]], add=node)
         ia, ib = node.inputs
-        kw = {
-            k: int(a[k])
-            for k in ("left_shift", "multiplier_a", "shift_a", "multiplier_b", "shift_b", "multiplier", "shift")
-        }
-        return self.emit(
-            "add",
-            node,
-            kew.add,
-            self.val(ia),
-            self.val(ib),
-            za=self.zp(ia),
-            zb=self.zp(ib),
-            zout=self.zp(node.outputs[0]),
-            act_min=int(a.get("act_min", -128)),
-            act_max=int(a.get("act_max", 127)),
-            **kw,
-        )
+        return self.emit("add", node, kew.add, self.val(ia), self.val(ib), **self.add_params(node))
 
     def mul(self, node: QNode) -> relax.Expr:
         a = node.attrs
@@ -393,8 +424,8 @@ class _Lowerer:
         with self.bb.function("main", params):
             with self.bb.dataflow():
                 for node in qm.nodes:
-                    if node.op == "quantize":
-                        continue
+                    if node.op == "quantize" or node.name in self.fused_convs:
+                        continue  # a fused conv is emitted with its residual add
                     self.env[node.outputs[0]] = getattr(self, node.op)(node)
                 outs = [self.env[o.name] for o in qm.outputs]
                 res = self.bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))

@@ -229,19 +229,33 @@ def _same_shape(want: tuple, got: tuple) -> bool:
     return len(want) == len(got) and all(w is None or w == g for w, g in zip(want[1:], got[1:], strict=True))
 
 
+def _stem(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)[:48]
+
+
 def kernel_outputs_by_tensor(qm: QuantModel, kernels: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Map a compiled model's per-kernel outputs (keyed by kernel name, in call order) to the graph's
     tensor names. edgekit's TVM lowering names each node's kernel ``<family>_<node name with
     non-identifier characters as _, cut to 48>`` (TVM may add a numeric suffix to repeated names);
     nodes and kernels both come in topological order, so each node takes the first unused kernel
-    whose name ends with its own and whose output has the node's shape."""
+    whose name ends with its own and whose output has the node's shape. A conv2d fused with the
+    residual add it feeds (``edgekit.compile.fusion``: one ``conv2d..._add_<add node>`` kernel computes
+    the add's output) has no output of its own: it is left out, so it cannot take a later kernel."""
+    from edgekit.compile.fusion import FUSED_SUFFIX, residual_fusions
+
     host_shapes = {t: tuple(info.shape) for t, info in qm.tensors.items() if getattr(info, "shape", None)}
     names = list(kernels)
+    fused = set()
+    for add, (conv, _) in residual_fusions(qm).items():
+        pattern = re.compile(r"conv2d\w*" + FUSED_SUFFIX + "_" + re.escape(_stem(add)) + r"(_?\d+)?(#\d+)?")
+        if any(pattern.fullmatch(k) for k in names):
+            fused.add(conv)
     used: set[str] = set()
     out: dict[str, np.ndarray] = {}
     for node in qm.nodes:
-        stem = re.sub(r"[^0-9A-Za-z_]", "_", node.name)[:48]
-        pattern = re.compile(r".+_" + re.escape(stem) + r"(_?\d+)?(#\d+)?")
+        if node.name in fused:
+            continue
+        pattern = re.compile(r".+_" + re.escape(_stem(node.name)) + r"(_?\d+)?(#\d+)?")
         want = host_shapes.get(node.outputs[0])
         for k in names:
             if k in used or not pattern.fullmatch(k):
@@ -267,7 +281,8 @@ def locate_mismatch(
         found["note"] = f"intermediate tensors not available from the {manifest['runtime']} runtime ({exc})"
         return found
     host = qm.run_all({host_name: x1})
-    if device and not set(device) & set(host):  # a compiled model: outputs by kernel, not by tensor
+    compiled = bool(device) and not set(device) & set(host)
+    if compiled:  # a compiled model: outputs by kernel, not by tensor
         device = kernel_outputs_by_tensor(qm, device)
         found["compared_tensors"] = len(device)
     layer = first_divergent_layer(qm, device, host)
@@ -276,4 +291,12 @@ def locate_mismatch(
         found["note"] = "every intermediate tensor matches: the difference is in the output epilogue or batching"
     else:
         found.update(layer)
+        if compiled and layer["op"] == "add":
+            from edgekit.compile.fusion import residual_fusions
+
+            conv = residual_fusions(qm).get(layer["layer"], (None, 0))[0]
+            conv_out = next((n.outputs[0] for n in qm.nodes if n.name == conv), None)
+            if conv_out is not None and conv_out not in device:  # one kernel computed the conv and the add
+                found["fused_with"] = conv
+                found["note"] = f"the kernel computing this add also computes the conv2d {conv!r} (fused)"
     return found

@@ -171,7 +171,7 @@ def test_standalone_add_kernel_exact_on_every_int8_pair():
     from tvm import te
 
     from edgekit.quant import arith
-    from kernels import schedule as ksched
+    from kernels import space as kspace
 
     target = get_target("host").tvm_target()
     va, vb = (v.astype(np.int8) for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"))
@@ -184,7 +184,7 @@ def test_standalone_add_kernel_exact_on_every_int8_pair():
         kinds.add((narrow, kew._operand_split(p["za"], p["left_shift"], p["multiplier_a"], p["shift_a"]) is None))
         a, b = te.placeholder(va.shape, "int8", "a"), te.placeholder(vb.shape, "int8", "b")
         out = kew.add(a, b, **p)
-        f = ksched.schedule_family(te.create_prim_func([a, b, out]), "add")
+        f = kspace.schedule_default(kspace.tag(te.create_prim_func([a, b, out]), kspace.kind_of("add")))
         lib = tvm.compile(tvm.IRModule({"main": f}), target=target)
         got = tvm.runtime.tensor(np.zeros(va.shape, np.int8))
         lib["main"](tvm.runtime.tensor(va), tvm.runtime.tensor(vb), got)

@@ -222,8 +222,9 @@ def _kernel_calls(mod):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_every_knob_setting_is_bit_exact(bits):
     """Each candidate schedule the tuner may pick (register tiles, loop orders) of every conv, depthwise
-    and dense kernel computes exactly what the default schedule computes, on the kernel's real weights
-    and rescales and random activations (the int4 graph: a seeded sample of 6 candidates per kernel)."""
+    and dense kernel (one conv with a fused residual add) computes exactly what the default schedule
+    computes, on the kernel's real weights and rescales and random activations (the int4 graph: a
+    seeded sample of 6 candidates per kernel)."""
     from kernels import space as ks
 
     g = synth.GraphBuilder(f"knobs_w{bits}", seed=3, weight_bits=bits)
@@ -231,6 +232,7 @@ def test_every_knob_setting_is_bit_exact(bits):
     x = g.conv(x, 20, 3, 1)
     x = g.conv(x, 20, 3, 1, groups=20)
     x = g.conv(x, 36, 3, 2)
+    x = g.add(g.conv(x, 36, 3, 1), x)  # a residual add fused into the conv's epilogue
     x = g.conv(x, 40, 1)
     x = g.reshape(x, [None, 5 * 6 * 40])
     qm = g.output(g.dense(x, 10, bits=8))

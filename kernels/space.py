@@ -21,6 +21,10 @@ KIND_ATTR = "edgekit.schedule"
 INTRIN_ATTR = "edgekit.intrin"
 TUNABLE = ("conv", "gemm", "depthwise")  # kinds with knobs; the others keep their one hand schedule
 
+# below this many multiply-adds a conv / depthwise kernel runs its rows on one thread by default (a
+# thread-pool launch costs about 1 us); the tuner also measures the other choice
+PARALLEL_MIN_MACS = 1 << 21
+
 # int32 accumulator vectors a register tile may hold (AVX-512: 32 zmm, ARM: 32 q registers; the rest
 # hold the broadcast activations and the weight vectors)
 ACCUMULATORS = {ktz.VNNI_INTRIN: 24, ktz.SDOT_INTRIN: 20, ktz.NEON_INTRIN: 12}
@@ -70,16 +74,30 @@ def knob_space(sch, kind: str, intrin: str | None) -> Iterator[dict[str, Any]]:
     if kind == "conv":
         _b, oh, ow, on, _oi, kh, kw, ib, _kb = _extents(sch, "conv_acc")
         orders = (True, False) if kh * kw > 1 and ib > 1 else (True,)
-        for (ohb, owb, ocb), wo in product(_tiles([oh, ow, on], [4, 16, 4], budget), orders):
-            yield {"oh_block": ohb, "ow_block": owb, "oc_block": ocb, "window_outer": wo}
+        par = _parallel_choices(_macs(sch, "conv_acc"))
+        for (ohb, owb, ocb), wo, p in product(_tiles([oh, ow, on], [4, 16, 4], budget), orders, par):
+            yield {"oh_block": ohb, "ow_block": owb, "oc_block": ocb, "window_outer": wo, "parallel": p}
     elif kind == "gemm":
         m, pn, _nb, _pk, _kb = _extents(sch, "gemm_acc")
         for rb, cb in _tiles([m, pn], [8, 8], budget):
             yield {"row_block": rb, "col_block": cb}
     elif kind == "depthwise":
         ow = _extents(sch, "dw_acc")[2]
-        for owb in _divisors(ow, 16):
-            yield {"ow_block": owb}
+        for owb, p in product(_divisors(ow, 16), _parallel_choices(_macs(sch, "dw_acc"))):
+            yield {"ow_block": owb, "parallel": p}
+
+
+def _macs(sch, block: str) -> int:
+    return _prod(_extents(sch, block))
+
+
+def _parallel_choices(macs: int) -> tuple[bool, ...]:
+    """Row parallelism worth measuring: both choices near the threshold, one far from it."""
+    if macs >= PARALLEL_MIN_MACS * 8:
+        return (True,)
+    if macs * 8 < PARALLEL_MIN_MACS:
+        return (False,)
+    return (True, False)
 
 
 def default_knobs(sch, kind: str, intrin: str | None) -> dict[str, Any]:
@@ -90,13 +108,14 @@ def default_knobs(sch, kind: str, intrin: str | None) -> dict[str, Any]:
         owb = max(_divisors(ow, 8))
         ocb = max(_divisors(on, 2))
         ohb = max(_divisors(oh, max(1, 16 // (owb * ocb))))
-        return {"oh_block": ohb, "ow_block": owb, "oc_block": ocb, "window_outer": True}
+        par = _macs(sch, "conv_acc") >= PARALLEL_MIN_MACS
+        return {"oh_block": ohb, "ow_block": owb, "oc_block": ocb, "window_outer": True, "parallel": par}
     if kind == "gemm":
         m, pn, *_ = _extents(sch, "gemm_acc")
         cb = max(_divisors(pn, 2 if m > 1 else 8))
         return {"row_block": max(_divisors(m, 16 // cb)), "col_block": cb}
     if kind == "depthwise":
-        return {"ow_block": 8}
+        return {"ow_block": 8, "parallel": _macs(sch, "dw_acc") >= PARALLEL_MIN_MACS}
     return {}
 
 

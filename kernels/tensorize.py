@@ -228,19 +228,28 @@ def _has_block(sch, name: str) -> bool:
         return False
 
 
-def schedule_rowwise(sch, block, parallel_axes: int = 2) -> None:
-    """A spatial block over [N, H, W, C]-like loops: the first ``parallel_axes`` loops fused and
-    parallel, the innermost vectorized."""
+def schedule_rowwise(sch, block, parallel_axes: int = 2, parallel: bool = True) -> None:
+    """A spatial block over [N, H, W, C]-like loops: the first ``parallel_axes`` loops fused (and
+    parallel when ``parallel``), the innermost vectorized."""
     loops = sch.get_loops(block)
     if len(loops) > parallel_axes:
-        sch.parallel(sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0])
+        outer = sch.fuse(*loops[:parallel_axes]) if parallel_axes > 1 else loops[0]
+        if parallel:
+            sch.parallel(outer)
     _vector_split(sch, sch.get_loops(block)[-1])
 
 
 def schedule_conv(
-    sch, intrin: str, ow_block: int = 8, oc_block: int = 2, oh_block: int = 1, window_outer: bool = True
+    sch,
+    intrin: str,
+    ow_block: int = 8,
+    oc_block: int = 2,
+    oh_block: int = 1,
+    window_outer: bool = True,
+    parallel: bool = True,
 ) -> None:
-    """Tensorize ``kernels.conv2d.conv2d_dot``: row blocks (n, oh / ``oh_block``) parallel; per register
+    """Tensorize ``kernels.conv2d.conv2d_dot``: row blocks (n, oh / ``oh_block``), parallel when ``parallel``
+    (the padded, shifted input copy stays serial: one thread-pool launch per kernel); per register
     tile of ``oh_block`` rows x ``ow_block`` output columns x ``oc_block`` channel blocks the accumulators
     stay in registers across the (kh, kw, I/kb) reduction (window loops outside the channel blocks when
     ``window_outer``), the intrinsic does (nb x kb); the requantization epilogue runs per tile while the
@@ -253,7 +262,8 @@ def schedule_conv(
     red = (rh, rw, rco) if window_outer else (rco, rh, rw)
     sch.reorder(b, io, jo, obo, *red, ih, jw, obi, oi, rci)
     row = sch.fuse(b, io)
-    sch.parallel(row)
+    if parallel:
+        sch.parallel(row)
     sch.compute_inline(sch.get_sblock("acc"))
     req = sch.get_sblock("requant")
     sch.reverse_compute_at(req, jo)
@@ -267,7 +277,7 @@ def schedule_conv(
     sch.unroll(jw)
     sch.unroll(obi)
     act = sch.get_sblock("act")
-    schedule_rowwise(sch, act)
+    schedule_rowwise(sch, act, parallel=False)
     if _has_block(sch, "w_unpack"):
         unp = sch.get_sblock("w_unpack")
         *outer, oi, ri = sch.get_loops(unp)

@@ -311,8 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scheme", default="dyadic", choices=["dyadic", "mobilequant", "rtn", "smoothquant"])
     e.add_argument("--weight-bits", default="8", choices=["8", "4", "mixed"])
     e.add_argument("--act-bits", type=int, default=8)
-    e.add_argument("--observer", default="mse", choices=["minmax", "percentile", "mse"],
-                   help="activation range: MSE-optimal clipping (default), percentile, or min-max")
+    e.add_argument(
+        "--observer",
+        default="mse",
+        choices=["minmax", "percentile", "mse"],
+        help="activation range: MSE-optimal clipping (default), percentile, or min-max",
+    )
     e.add_argument("--format", choices=["ekq", "tflite", "onnx"], help="default: from the output suffix")
     e.add_argument("--target", help="NPU target for the TFLite export, e.g. ethos-u55-128 (runs Vela)")
     e.add_argument("--calib-text", help="calibration text for language models")

@@ -64,16 +64,34 @@ class Builder:
         y = self._t(name + "_out", (n, oh, ow, out_ch), out_s, out_zp)
         mult, shift = zip(*[tfl_conv_multiplier(in_s, float(ws), out_s) for ws in w_s], strict=True)
         bias = (self.rng.integers(-2000, 2000, out_ch)).astype(np.int32)
-        for role, arr in (("weight", wq), ("bias", bias), ("multiplier", np.array(mult, np.int32)),
-                          ("shift", np.array(shift, np.int32))):
+        for role, arr in (
+            ("weight", wq),
+            ("bias", bias),
+            ("multiplier", np.array(mult, np.int32)),
+            ("shift", np.array(shift, np.int32)),
+        ):
             self.constants[f"{name}.{role}"] = arr
         lo, hi = (max(-128, out_zp), 127) if relu else (-128, 127)
         if act is not None:
             lo, hi = act
-        self.nodes.append(QNode("conv2d", name, [x], [y], {
-            "strides": [stride, stride], "dilations": [dil, dil], "pads": list(pads), "groups": groups,
-            "weight_bits": bits, "act_min": lo, "act_max": hi},
-            {r: f"{name}.{r}" for r in ("weight", "bias", "multiplier", "shift")}))
+        self.nodes.append(
+            QNode(
+                "conv2d",
+                name,
+                [x],
+                [y],
+                {
+                    "strides": [stride, stride],
+                    "dilations": [dil, dil],
+                    "pads": list(pads),
+                    "groups": groups,
+                    "weight_bits": bits,
+                    "act_min": lo,
+                    "act_max": hi,
+                },
+                {r: f"{name}.{r}" for r in ("weight", "bias", "multiplier", "shift")},
+            )
+        )
         return y
 
     def dense(self, x, out_f, relu=False):
@@ -85,13 +103,24 @@ class Builder:
         out_s = f32(in_s * float(w_s.mean()) * 40 * 73 * np.sqrt(k) * 3 / 127)
         y = self._t(name + "_out", (n, out_f), out_s, int(self.rng.integers(-10, 10)))
         mult, shift = zip(*[tfl_conv_multiplier(in_s, float(ws), out_s) for ws in w_s], strict=True)
-        for role, arr in (("weight", wq), ("bias", self.rng.integers(-500, 500, out_f).astype(np.int32)),
-                          ("multiplier", np.array(mult, np.int32)), ("shift", np.array(shift, np.int32))):
+        for role, arr in (
+            ("weight", wq),
+            ("bias", self.rng.integers(-500, 500, out_f).astype(np.int32)),
+            ("multiplier", np.array(mult, np.int32)),
+            ("shift", np.array(shift, np.int32)),
+        ):
             self.constants[f"{name}.{role}"] = arr
         zp = self.tensors[y].zero_point
-        self.nodes.append(QNode("dense", name, [x], [y], {"weight_bits": 8, "act_min": zp if relu else -128,
-                                                          "act_max": 127},
-                                {r: f"{name}.{r}" for r in ("weight", "bias", "multiplier", "shift")}))
+        self.nodes.append(
+            QNode(
+                "dense",
+                name,
+                [x],
+                [y],
+                {"weight_bits": 8, "act_min": zp if relu else -128, "act_max": 127},
+                {r: f"{name}.{r}" for r in ("weight", "bias", "multiplier", "shift")},
+            )
+        )
         return y
 
     def add(self, a, b, relu=True):
@@ -109,8 +138,9 @@ class Builder:
         out_s = f32(self.s(a) * self.s(b) * 60)
         y = self._t(name + "_out", self.shapes[a], out_s, 3)
         m, s = tfl_mul_multiplier(self.s(a), self.s(b), out_s)
-        self.nodes.append(QNode("mul", name, [a, b], [y], {"multiplier": m, "shift": s, "act_min": -128,
-                                                            "act_max": 127}))
+        self.nodes.append(
+            QNode("mul", name, [a, b], [y], {"multiplier": m, "shift": s, "act_min": -128, "act_max": 127})
+        )
         return y
 
     def pool(self, op, x, k=2, stride=2, pads=(0, 0, 0, 0)):
@@ -119,8 +149,9 @@ class Builder:
         oh = (h + pads[0] + pads[2] - k) // stride + 1
         ow = (w + pads[1] + pads[3] - k) // stride + 1
         y = self._t(name + "_out", (n, oh, ow, c), self.s(x), self.tensors[x].zero_point)
-        self.nodes.append(QNode(op, name, [x], [y], {"kernel": [k, k], "strides": [stride, stride],
-                                                     "pads": list(pads)}))
+        self.nodes.append(
+            QNode(op, name, [x], [y], {"kernel": [k, k], "strides": [stride, stride], "pads": list(pads)})
+        )
         return y
 
     def requantize(self, x, factor=0.7, act=(-128, 127)):
@@ -128,8 +159,9 @@ class Builder:
         out_s = f32(self.s(x) * factor)
         y = self._t(name + "_out", self.shapes[x], out_s, 5)
         m, s = tfl_requant_multiplier(self.s(x), out_s)
-        self.nodes.append(QNode("requantize", name, [x], [y], {"multiplier": m, "shift": s, "act_min": act[0],
-                                                                "act_max": act[1]}))
+        self.nodes.append(
+            QNode("requantize", name, [x], [y], {"multiplier": m, "shift": s, "act_min": act[0], "act_max": act[1]})
+        )
         return y
 
     def concat(self, xs, axis=3):
@@ -153,8 +185,12 @@ class Builder:
 
     def simple(self, op, x, shape, attrs=None, params=None, scale=None, zp=None):
         name = self._name(op)
-        y = self._t(name + "_out", shape, self.s(x) if scale is None else scale,
-                    self.tensors[x].zero_point if zp is None else zp)
+        y = self._t(
+            name + "_out",
+            shape,
+            self.s(x) if scale is None else scale,
+            self.tensors[x].zero_point if zp is None else zp,
+        )
         self.nodes.append(QNode(op, name, [x], [y], attrs or {}, params or {}))
         return y
 
@@ -168,8 +204,15 @@ class Builder:
         y = fn(real).astype(np.float32)
         table = np.clip(round_half_away(y / np.float32(out_s)) + out_zp, -128, 127).astype(np.int8)
         self.constants[f"{node}.table"] = table
-        return self.simple("lut", x, self.shapes[x], {"function": name or fn.__name__}, {"table": f"{node}.table"},
-                           scale=out_s, zp=out_zp)
+        return self.simple(
+            "lut",
+            x,
+            self.shapes[x],
+            {"function": name or fn.__name__},
+            {"table": f"{node}.table"},
+            scale=out_s,
+            zp=out_zp,
+        )
 
     def build(self, outs, name="test", softmax=False) -> QuantModel:
         outs = [outs] if isinstance(outs, str) else outs
@@ -197,7 +240,6 @@ def tiny_resnet(seed: int = 0, bits: int = 8) -> QuantModel:
 def random_input(qm: QuantModel, n: int, seed: int = 1) -> np.ndarray:
     shape = [n if d is None else d for d in qm.tensors[qm.inputs[0]].shape]
     return np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float32)
-
 
 
 _REF: dict = {}

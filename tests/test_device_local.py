@@ -109,8 +109,9 @@ def test_cli_register_and_json_reports(tmp_path, r8_artifact, val_data, capsys):
         assert rep[key] > 0 or key == "std_ms"
     assert png.is_file()
 
-    args = parser.parse_args(["validate", str(r8_artifact), "--device", dev, "--data", str(val_data), "--json",
-                              "--limit", "8"])
+    args = parser.parse_args(
+        ["validate", str(r8_artifact), "--device", dev, "--data", str(val_data), "--json", "--limit", "8"]
+    )
     assert args.func(args) == 0
     rep = json.loads(capsys.readouterr().out)
     for key in ("n", "bit_exact_fraction", "max_lsb_diff", "top1_agreement_float", "top1"):

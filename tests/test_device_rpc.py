@@ -42,8 +42,9 @@ def wait_port(port: int, timeout: float = 60) -> None:
 
 def start(args: list[str]) -> subprocess.Popen:
     """A TVM process in its own process group (its workers are children; the group is ended)."""
-    return subprocess.Popen([sys.executable, "-m", *args], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -87,13 +88,25 @@ def test_rpc_profile_and_validate_bit_exact(rpc_server, tvm_artifact, tmp_path):
 
 def test_rpc_through_a_tracker(tvm_artifact, tmp_path):
     tport, sport = free_port(), free_port()
-    tracker = start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end",
-                     str(tport + 1)])
+    tracker = start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end", str(tport + 1)])
     server = None
     try:
         wait_port(tport)
-        server = start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport), "--port-end",
-                        str(sport + 1), "--tracker", f"127.0.0.1:{tport}", "--key", "pi4"])
+        server = start(
+            [
+                "tvm.exec.rpc_server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sport),
+                "--port-end",
+                str(sport + 1),
+                "--tracker",
+                f"127.0.0.1:{tport}",
+                "--key",
+                "pi4",
+            ]
+        )
         wait_port(sport)
         deadline = time.monotonic() + 30
         while True:

@@ -16,7 +16,7 @@ from edgekit.export.cli import export_model
 from tests.export_helpers import reference_logits
 
 # The app: no edgekit import, only metadata.json + model file + the runtime (run with -I, cwd=bundle).
-APP = textwrap.dedent('''
+APP = textwrap.dedent("""
     import json, sys
     import numpy as np
     meta = json.load(open("metadata.json"))
@@ -41,14 +41,19 @@ APP = textwrap.dedent('''
     top1 = logits.argmax(-1)
     assert "edgekit" not in sys.modules
     print(json.dumps({"top1": top1.tolist(), "labels": [meta["labels"][i] for i in top1[:3]]}))
-''')
+""")
 
 
 def _play(folder, pixels, tmp_path):
     np.save(tmp_path / "pixels.npy", pixels)
     (tmp_path / "app.py").write_text(APP)
-    res = subprocess.run([sys.executable, "-I", str(tmp_path / "app.py"), str(tmp_path / "pixels.npy")],
-                         cwd=folder, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-I", str(tmp_path / "app.py"), str(tmp_path / "pixels.npy")],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
@@ -80,8 +85,9 @@ def test_bundle_zip_and_mean_std(tmp_path):
     from tests.export_helpers import tiny_resnet
 
     qm = tiny_resnet()
-    res = write_bundle(qm, tmp_path, runtimes=("litert",), labels=[str(i) for i in range(10)], mean=[127.5],
-                       std=[2.0], as_zip=True)
+    res = write_bundle(
+        qm, tmp_path, runtimes=("litert",), labels=[str(i) for i in range(10)], mean=[127.5], std=[2.0], as_zip=True
+    )
     z = zipfile.ZipFile(res["bundles"]["litert"]["path"])
     meta = json.loads(z.read("metadata.json"))
     assert meta["preprocessing"]["mean"] == [127.5] * 3 and meta["preprocessing"]["std"] == [2.0] * 3
@@ -108,8 +114,22 @@ def test_cli_bundle_and_export_target(tmp_path, capsys):
 
     qm = tiny_resnet()
     qm.save(tmp_path / "m.ekq")
-    assert main(["bundle", str(tmp_path / "m.ekq"), "-o", str(tmp_path / "b"), "--labels", "cifar10",
-                 "--runtime", "litert", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bundle",
+                str(tmp_path / "m.ekq"),
+                "-o",
+                str(tmp_path / "b"),
+                "--labels",
+                "cifar10",
+                "--runtime",
+                "litert",
+                "--json",
+            ]
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert (tmp_path / "b" / "litert" / "metadata.json").exists() and list(res["bundles"]) == ["litert"]
     assert main(["bundle", str(tmp_path / "m.ekq"), "-o", str(tmp_path / "c"), "--runtime", "coreml"]) == 2

@@ -72,6 +72,7 @@ def test_nchw_born_model_exports_and_runs_in_onnxruntime(tmp_path):
     assert qm.nodes[1].op == "transpose"
     export_onnx(qm, tmp_path / "tiny_qdq.onnx")
     x = zoo.synthetic_images(64)
-    got = compare(run_onnxruntime(tmp_path / "tiny_qdq.onnx", quantize_input(qm, x)),
-                  qm.run(x, integer=True)[qm.outputs[0].name])
+    got = compare(
+        run_onnxruntime(tmp_path / "tiny_qdq.onnx", quantize_input(qm, x)), qm.run(x, integer=True)[qm.outputs[0].name]
+    )
     assert got["max_lsb"] <= 6 and got["equal_share"] > 0.3

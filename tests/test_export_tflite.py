@@ -61,8 +61,18 @@ def test_pools_add_mul_requant_concat_pad_lut_bit_exact():
     qm = every_op_model()
     data = _exact(qm, n=24)
     ops = summarize_ops(data)
-    for op in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "ADD", "QUANTIZE", "CONCATENATION", "PAD", "MUL", "GATHER",
-               "TRANSPOSE", "FULLY_CONNECTED"):
+    for op in (
+        "MAX_POOL_2D",
+        "AVERAGE_POOL_2D",
+        "ADD",
+        "QUANTIZE",
+        "CONCATENATION",
+        "PAD",
+        "MUL",
+        "GATHER",
+        "TRANSPOSE",
+        "FULLY_CONNECTED",
+    ):
         assert op in ops, op
 
 

@@ -20,8 +20,11 @@ def _layers(n: int, seed: int = 0, latency: bool = False) -> list[LayerCost]:
         params = int(rng.integers(100, 50_000))
         s8 = float(rng.uniform(0, 0.01))
         lat = {4: float(rng.uniform(0.05, 1.0)), 8: float(rng.uniform(0.05, 1.0))} if latency else None
-        out.append(LayerCost(f"l{i}", params, params * int(rng.integers(16, 1024)),
-                             {8: s8, 4: s8 + float(rng.exponential(1.0))}, lat))
+        out.append(
+            LayerCost(
+                f"l{i}", params, params * int(rng.integers(16, 1024)), {8: s8, 4: s8 + float(rng.exponential(1.0))}, lat
+            )
+        )
     return out
 
 
@@ -53,8 +56,10 @@ def test_bops_and_latency_budgets_together_are_optimal():
     assert a.latency_ms is not None and a.latency_ms <= lat_limit + 1e-9
 
     def ok(bits):
-        return (sum(la.bops(bits[la.name]) for la in layers) <= 0.75 * bops8
-                and 0.5 + sum(la.latency_ms[bits[la.name]] for la in layers) <= lat_limit)
+        return (
+            sum(la.bops(bits[la.name]) for la in layers) <= 0.75 * bops8
+            and 0.5 + sum(la.latency_ms[bits[la.name]] for la in layers) <= lat_limit
+        )
 
     assert a.objective == pytest.approx(_brute(layers, ok), rel=1e-9)
 
@@ -93,23 +98,35 @@ def test_infeasible_budget_says_what_is_possible():
 
 
 def _conv(name: str, src: str, dst: str, act: bool = True) -> Node:
-    attrs = {"weight": np.zeros((4, 1, 1, 4), np.float32), "bias": np.zeros(4, np.float32), "strides": [1, 1],
-             "dilations": [1, 1], "pads": [0, 0, 0, 0], "groups": 1}
+    attrs = {
+        "weight": np.zeros((4, 1, 1, 4), np.float32),
+        "bias": np.zeros(4, np.float32),
+        "strides": [1, 1],
+        "dilations": [1, 1],
+        "pads": [0, 0, 0, 0],
+        "groups": 1,
+    }
     if act:
         attrs["activation"] = (0.0, np.inf)
     return Node("conv2d", name, [src], [dst], attrs)
 
 
 def test_residual_ties_follow_adds_through_pass_through_ops():
-    g = Graph("r", ["x"], ["y"], [
-        _conv("c0", "x", "a"),
-        _conv("c1", "a", "b"),
-        _conv("c2", "b", "c", act=False),
-        Node("add", "add0", ["a", "c"], ["d"], {"activation": (0.0, np.inf)}),  # identity branch: c0 and c2
-        _conv("c3", "d", "e"),
-        _conv("c4", "d", "f", act=False),
-        Node("relu", "r", ["f"], ["f2"]),
-        Node("add", "add1", ["e", "f2"], ["g"]),
-        _conv("c5", "g", "y"),
-    ], input_shapes={"x": [None, 4, 4, 4]})
+    g = Graph(
+        "r",
+        ["x"],
+        ["y"],
+        [
+            _conv("c0", "x", "a"),
+            _conv("c1", "a", "b"),
+            _conv("c2", "b", "c", act=False),
+            Node("add", "add0", ["a", "c"], ["d"], {"activation": (0.0, np.inf)}),  # identity branch: c0 and c2
+            _conv("c3", "d", "e"),
+            _conv("c4", "d", "f", act=False),
+            Node("relu", "r", ["f"], ["f2"]),
+            Node("add", "add1", ["e", "f2"], ["g"]),
+            _conv("c5", "g", "y"),
+        ],
+        input_shapes={"x": [None, 4, 4, 4]},
+    )
     assert residual_ties(g) == [["c0", "c2"], ["c3", "c4"]]

@@ -16,9 +16,17 @@ def two_same_layers() -> Graph:
     rng = np.random.default_rng(0)
 
     def dense(name, src, dst):
-        return Node("dense", name, [src], [dst], {"weight": rng.normal(0, 0.3, (32, 32)).astype(np.float32),
-                                                  "bias": rng.normal(0, 0.1, 32).astype(np.float32),
-                                                  "activation": (0.0, np.inf)})
+        return Node(
+            "dense",
+            name,
+            [src],
+            [dst],
+            {
+                "weight": rng.normal(0, 0.3, (32, 32)).astype(np.float32),
+                "bias": rng.normal(0, 0.1, 32).astype(np.float32),
+                "activation": (0.0, np.inf),
+            },
+        )
 
     return Graph("two", ["x"], ["z"], [dense("d0", "x", "h"), dense("d1", "h", "z")], input_shapes={"x": [None, 32]})
 
@@ -49,16 +57,19 @@ def test_table_cache_and_latency_budget_with_a_stand_in_timer(tmp_path, monkeypa
     assert lat.latency_table(g, stats, target="host")[1]["measured"] == 2  # another target, another cache
     assert lat.model_overhead(g, stats, table, target="host") == pytest.approx(1.5)
     sens = measured_sensitivity(g, x, stats, max_samples=64)
-    _, report = plan_mixed(g, x, max_latency_ms=2.5, latency=table, latency_overhead_ms=1.5, stats=stats, sens=sens,
-                           tie_residuals=False)
+    _, report = plan_mixed(
+        g, x, max_latency_ms=2.5, latency=table, latency_overhead_ms=1.5, stats=stats, sens=sens, tie_residuals=False
+    )
     assert set(report["mixed"]["bits"].values()) == {8}
     assert report["mixed"]["achieved"]["latency_ms_predicted"] == pytest.approx(2.5)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("EDGEKIT_TEST_LATENCY") != "1",
-                    reason="real TVM builds take 30-300 s per layer on the shared 2-core machine (measured 909 s "
-                           "for this test under load); set EDGEKIT_TEST_LATENCY=1 to run it")
+@pytest.mark.skipif(
+    os.environ.get("EDGEKIT_TEST_LATENCY") != "1",
+    reason="real TVM builds take 30-300 s per layer on the shared 2-core machine (measured 909 s "
+    "for this test under load); set EDGEKIT_TEST_LATENCY=1 to run it",
+)
 def test_latency_table_is_measured_cached_and_drives_the_ilp(tmp_path, monkeypatch):
     pytest.importorskip("tvm", reason="latency tables compile layers with TVM (edgekit.compile)")
     monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path))
@@ -82,16 +93,25 @@ def test_latency_table_is_measured_cached_and_drives_the_ilp(tmp_path, monkeypat
     # The whole-model time is one more TVM build: stand it in here (the table above is real).
     import edgekit.mixed.latency as lat
 
-    monkeypatch.setattr(lat, "model_latency", lambda qm, target="host", device=None: 1.0 + sum(
-        t[8] for t in table.values()))
+    monkeypatch.setattr(
+        lat, "model_latency", lambda qm, target="host", device=None: 1.0 + sum(t[8] for t in table.values())
+    )
     overhead = model_overhead(g, stats, table)
     assert overhead == pytest.approx(1.0)
     assert len(json.loads(next((tmp_path / "latency").glob("host-*.json")).read_text())) == 3  # + the model
     sens = measured_sensitivity(g, x, stats, max_samples=64)
     fast = min(table["d0"].values())
     budget = overhead + 2 * fast + 1e-9
-    _, report = plan_mixed(g, x, max_latency_ms=budget, latency=table, latency_overhead_ms=overhead, stats=stats,
-                           sens=sens, tie_residuals=False)
+    _, report = plan_mixed(
+        g,
+        x,
+        max_latency_ms=budget,
+        latency=table,
+        latency_overhead_ms=overhead,
+        stats=stats,
+        sens=sens,
+        tie_residuals=False,
+    )
     m = report["mixed"]
     assert m["achieved"]["latency_ms_predicted"] <= budget
     faster = min(table["d0"], key=table["d0"].get)

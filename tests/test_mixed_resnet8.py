@@ -37,8 +37,21 @@ def mixed_export(tmp_path_factory, small_calib):
     buf = io.StringIO()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        rc = main(["export", str(RESNET8), "--calib", small_calib[0], "--weight-bits", "mixed", "--max-size", "0.65",
-                   "-o", str(out), "--json"])
+        rc = main(
+            [
+                "export",
+                str(RESNET8),
+                "--calib",
+                small_calib[0],
+                "--weight-bits",
+                "mixed",
+                "--max-size",
+                "0.65",
+                "-o",
+                str(out),
+                "--json",
+            ]
+        )
     seconds = time.perf_counter() - t0
     assert rc == 0
     return out, json.loads(buf.getvalue()), seconds
@@ -89,8 +102,9 @@ def _kl(p: np.ndarray, q: np.ndarray) -> float:
     return float((p * np.log(p / q)).sum(-1).mean())
 
 
-def test_mixed_beats_int4_and_random_and_stays_near_int8(mixed_export, resnet8_int8, resnet8_int4, small_calib,
-                                                          cifar_test):
+def test_mixed_beats_int4_and_random_and_stays_near_int8(
+    mixed_export, resnet8_int8, resnet8_int4, small_calib, cifar_test
+):
     from edgekit.graph.float_exec import run_graph
     from edgekit.graph.onnx_import import import_onnx
     from edgekit.mixed.ilp import residual_ties
@@ -104,10 +118,19 @@ def test_mixed_beats_int4_and_random_and_stays_near_int8(mixed_export, resnet8_i
     ref = run_graph(graph, {graph.inputs[0]: x}, keep=set())[graph.outputs[0]]
     stats = collect(graph, small_calib[1], progress=False)
     params = {n.name: n.attrs["weight"].size for n in graph.nodes if n.op in ("conv2d", "dense")}
-    rand_bits = random_allocation(params, residual_ties(graph), max_bytes=qm.weight_bytes(),
-                                  min_bytes=qm.weight_bytes() - 0.05 * sum(params.values()), seed=0)
-    models = {"int8": resnet8_int8, "mixed": qm, "int4": resnet8_int4,
-              "random": quantize_with_bits(graph, rand_bits, stats, calib=small_calib[1])}
+    rand_bits = random_allocation(
+        params,
+        residual_ties(graph),
+        max_bytes=qm.weight_bytes(),
+        min_bytes=qm.weight_bytes() - 0.05 * sum(params.values()),
+        seed=0,
+    )
+    models = {
+        "int8": resnet8_int8,
+        "mixed": qm,
+        "int4": resnet8_int4,
+        "random": quantize_with_bits(graph, rand_bits, stats, calib=small_calib[1]),
+    }
     top1, kl = {}, {}
     for name, m in models.items():
         p = m.run(x)["Identity"]

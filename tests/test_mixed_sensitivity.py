@@ -21,9 +21,14 @@ from edgekit.mixed.torch_graph import to_torch  # noqa: E402
 
 
 def _conv(name, src, dst, o, i, k, rng, *, stride=1, pads=(1, 1, 1, 1), groups=1, act=None):
-    attrs = {"weight": rng.normal(0, 0.4, (o, k, k, i // groups)).astype(np.float32),
-             "bias": rng.normal(0, 0.1, o).astype(np.float32), "strides": [stride, stride], "dilations": [1, 1],
-             "pads": list(pads), "groups": groups}
+    attrs = {
+        "weight": rng.normal(0, 0.4, (o, k, k, i // groups)).astype(np.float32),
+        "bias": rng.normal(0, 0.1, o).astype(np.float32),
+        "strides": [stride, stride],
+        "dilations": [1, 1],
+        "pads": list(pads),
+        "groups": groups,
+    }
     if act is not None:
         attrs["activation"] = act
     return Node("conv2d", name, [src], [dst], attrs)
@@ -47,12 +52,26 @@ def every_op_graph(seed: int = 0) -> Graph:
         Node("relu", "relu", ["m"], ["m2"]),
         Node("transpose", "tr", ["m2"], ["n"], {"perm": [0, 3, 1, 2]}),
         Node("reshape", "flat", ["n"], ["o"], {"shape": [None, 16 * 2 * 2]}),
-        Node("dense", "fc", ["o"], ["p"], {"weight": rng.normal(0, 0.3, (5, 64)).astype(np.float32),
-                                           "bias": rng.normal(0, 0.1, 5).astype(np.float32)}),
+        Node(
+            "dense",
+            "fc",
+            ["o"],
+            ["p"],
+            {
+                "weight": rng.normal(0, 0.3, (5, 64)).astype(np.float32),
+                "bias": rng.normal(0, 0.1, 5).astype(np.float32),
+            },
+        ),
         Node("softmax", "sm", ["p"], ["y"], {"axis": 1}),
     ]
-    return Graph("every", ["x"], ["y"], nodes, constants={"k": rng.uniform(0.5, 1.5, (1, 1, 1, 8)).astype(np.float32)},
-                 input_shapes={"x": [None, 11, 11, 3]})
+    return Graph(
+        "every",
+        ["x"],
+        ["y"],
+        nodes,
+        constants={"k": rng.uniform(0.5, 1.5, (1, 1, 1, 8)).astype(np.float32)},
+        input_shapes={"x": [None, 11, 11, 3]},
+    )
 
 
 def test_torch_module_matches_the_float_executor():
@@ -70,15 +89,25 @@ def tiny_mlp(seed: int = 0) -> Graph:
     rng = np.random.default_rng(seed)
 
     def dense(name, src, dst, o, i, act=None):
-        attrs = {"weight": rng.normal(0, 0.6, (o, i)).astype(np.float32),
-                 "bias": rng.normal(0, 0.1, o).astype(np.float32)}
+        attrs = {
+            "weight": rng.normal(0, 0.6, (o, i)).astype(np.float32),
+            "bias": rng.normal(0, 0.1, o).astype(np.float32),
+        }
         if act:
             attrs["activation"] = act
         return Node("dense", name, [src], [dst], attrs)
 
-    return Graph("mlp", ["x"], ["y"], [dense("d0", "x", "h", 6, 5, (0.0, np.inf)), dense("d1", "h", "z", 4, 6),
-                                       Node("softmax", "sm", ["z"], ["y"], {"axis": 1})],
-                 input_shapes={"x": [None, 5]})
+    return Graph(
+        "mlp",
+        ["x"],
+        ["y"],
+        [
+            dense("d0", "x", "h", 6, 5, (0.0, np.inf)),
+            dense("d1", "h", "z", 4, 6),
+            Node("softmax", "sm", ["z"], ["y"], {"axis": 1}),
+        ],
+        input_shapes={"x": [None, 5]},
+    )
 
 
 def test_hutchinson_traces_match_the_exact_hessian_blocks():
@@ -97,8 +126,9 @@ def test_hutchinson_traces_match_the_exact_hessian_blocks():
             ws[i] = w
             h = torch.relu(xt @ ws[0].t() + model.bias0)
             z = h @ ws[1].t() + model.bias1
-            return torch.nn.functional.kl_div(torch.log_softmax(z, -1), ref_logp, log_target=True,
-                                              reduction="batchmean")
+            return torch.nn.functional.kl_div(
+                torch.log_softmax(z, -1), ref_logp, log_target=True, reduction="batchmean"
+            )
 
         hess = torch.autograd.functional.hessian(kl, w0)
         exact = float(hess.reshape(w0.numel(), w0.numel()).diagonal().sum()) / w0.numel()

@@ -54,8 +54,9 @@ def bench_edgekit(qm, x_int8: np.ndarray, threads: int, runs: int, tune: bool, t
     from edgekit.compile import compile_model
 
     with tempfile.TemporaryDirectory() as td:
-        res = compile_model(qm, "host", Path(td) / "m.tar", tune=tune, trials=trials, verify=True,
-                            tune_options={"search": search})
+        res = compile_model(
+            qm, "host", Path(td) / "m.tar", tune=tune, trials=trials, verify=True, tune_options={"search": search}
+        )
         m = unpack_artifact(res.path, Path(td) / "u")
         vm = relax.VirtualMachine(tvm.runtime.load_module(str(Path(td) / "u" / m["model_file"])), tvm.cpu())
         set_tvm_threads(threads)
@@ -121,8 +122,10 @@ def measured_vnni_peak() -> float | None:
         src, exe = Path(td) / "peak.c", Path(td) / "peak"
         src.write_text(PEAK_C)
         subprocess.run([cc, "-O2", "-mavx512f", "-mavx512bw", "-mavx512vnni", str(src), "-o", str(exe)], check=True)
-        return max(float(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()[0])
-                   for _ in range(3))
+        return max(
+            float(subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()[0])
+            for _ in range(3)
+        )
 
 
 def gemm_share_of_peak(n: int = 1024, threads: int = 1) -> tuple[float, float, str]:
@@ -178,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.compile.build import quantize_input
 
     threads = [int(t) for t in args.threads.split(",")]
-    lines = ["| model | runtime | " + " | ".join(f"{t} thread(s) us" for t in threads) + " |",
-             "|---|---|" + "---|" * len(threads)]
+    lines = [
+        "| model | runtime | " + " | ".join(f"{t} thread(s) us" for t in threads) + " |",
+        "|---|---|" + "---|" * len(threads),
+    ]
     test = np.load(DATA / "cifar10_test.npz")["x"][:1].astype(np.float32)
     calib = np.load(DATA / "cifar10_calib_train1000.npz")["x"][:200].astype(np.float32)
     r8 = edgekit.quantize(DATA / "resnet8_cifar10_fp32.onnx", calib, weight_bits=8, progress=False)
@@ -191,8 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         mb_onnx = zoo.mobilenet_v2_like(work / "mobilenet_v2_like.onnx")
         mb = edgekit.quantize(mb_onnx, zoo.synthetic_images(16, size=224, seed=5), progress=False)
         xf = zoo.synthetic_images(1, size=224, seed=3)
-        models.append(("MobileNetV2-shaped 224x224 (generated weights)", mb, quantize_input(mb, xf),
-                       max(5, args.runs // 20), xf, mb_onnx))
+        models.append(
+            (
+                "MobileNetV2-shaped 224x224 (generated weights)",
+                mb,
+                quantize_input(mb, xf),
+                max(5, args.runs // 20),
+                xf,
+                mb_onnx,
+            )
+        )
 
     def row(model: str, name: str, fn) -> None:
         cells = []
@@ -210,11 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     from edgekit.export.tflite import export_tflite
 
     for model, qm, x8, runs, xf, float_onnx in models:
-        row(model, "edgekit TVM untuned", lambda t, qm=qm, x8=x8, runs=runs:
-            bench_edgekit(qm, x8, t, runs, False, 0, args.search))
+        row(
+            model,
+            "edgekit TVM untuned",
+            lambda t, qm=qm, x8=x8, runs=runs: bench_edgekit(qm, x8, t, runs, False, 0, args.search),
+        )
         if args.trials:
-            row(model, f"edgekit TVM tuned ({args.trials} trials, {args.search})",
-                lambda t, qm=qm, x8=x8, runs=runs: bench_edgekit(qm, x8, t, runs, True, args.trials, args.search))
+            row(
+                model,
+                f"edgekit TVM tuned ({args.trials} trials, {args.search})",
+                lambda t, qm=qm, x8=x8, runs=runs: bench_edgekit(qm, x8, t, runs, True, args.trials, args.search),
+            )
         if qm is r8:
             tfl, tfl_name = str(DATA / "mlperf_tiny_resnet8_int8_reference.tflite"), "MLPerf int8 .tflite"
             float_onnx, feed_f = str(DATA / "resnet8_cifar10_fp32.onnx"), {"input_1": test}
@@ -223,8 +242,11 @@ def main(argv: list[str] | None = None) -> int:
             export_tflite(qm, tfl)
             feed_f = {"image": xf}
         row(model, f"LiteRT XNNPACK ({tfl_name})", lambda t, tfl=tfl, x8=x8, runs=runs: bench_litert(tfl, x8, t, runs))
-        row(model, "onnxruntime float32",
-            lambda t, f=str(float_onnx), feed=feed_f, runs=runs: bench_ort(f, feed, t, runs))
+        row(
+            model,
+            "onnxruntime float32",
+            lambda t, f=str(float_onnx), feed=feed_f, runs=runs: bench_ort(f, feed, t, runs),
+        )
         q = str(work / f"{len(lines)}_qdq.onnx")
         export_onnx(qm, q)
         i0 = ort.InferenceSession(q, providers=["CPUExecutionProvider"]).get_inputs()[0]
@@ -232,12 +254,17 @@ def main(argv: list[str] | None = None) -> int:
             xin = (x8.astype(np.int16) + 128).astype(np.uint8)
         else:
             xin = x8 if "int8" in i0.type else next(iter(feed_f.values()))
-        row(model, "onnxruntime int8 (QDQ export)", lambda t, q=q, i0=i0, xin=xin, runs=runs:
-            bench_ort(q, {i0.name: xin}, t, runs))
+        row(
+            model,
+            "onnxruntime int8 (QDQ export)",
+            lambda t, q=q, i0=i0, xin=xin, runs=runs: bench_ort(q, {i0.name: xin}, t, runs),
+        )
     gops, peak, note = gemm_share_of_peak(1024, 1)
     lines.append("")
-    lines.append(f"Large GEMM 1024x1024x1024 int8 (VNNI tensorized, 1 thread): {gops:.0f} GOPS of a "
-                 f"{peak:.0f} GOPS peak = {100 * gops / peak:.0f}% ({note}).")
+    lines.append(
+        f"Large GEMM 1024x1024x1024 int8 (VNNI tensorized, 1 thread): {gops:.0f} GOPS of a "
+        f"{peak:.0f} GOPS peak = {100 * gops / peak:.0f}% ({note})."
+    )
     print(lines[-1])
     text = "\n".join(lines) + "\n"
     if args.out:

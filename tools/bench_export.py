@@ -88,48 +88,76 @@ def main() -> int:
         c.update(runtime=name, top1=float((out.argmax(-1) == y).mean()), latency_us=lat)
         rows.append(c)
 
-    rows.append({"runtime": "edgekit reference executor (numpy)", "n": len(x), "equal_share": 1.0,
-                 "rows_identical": 1.0, "max_lsb": 0, "mean_lsb": 0.0, "top1_agreement": 1.0,
-                 "top1": float((ref.argmax(-1) == y).mean()), "latency_us": t_ref / len(x) * 1e6})
+    rows.append(
+        {
+            "runtime": "edgekit reference executor (numpy)",
+            "n": len(x),
+            "equal_share": 1.0,
+            "rows_identical": 1.0,
+            "max_lsb": 0,
+            "mean_lsb": 0.0,
+            "top1_agreement": 1.0,
+            "top1": float((ref.argmax(-1) == y).mean()),
+            "latency_us": t_ref / len(x) * 1e6,
+        }
+    )
     x1 = xq[:1]
-    row("LiteRT builtin kernels (no delegate)", run_tflite(tfl, xq, batch=500),
-        _latency_tflite(tfl, x1, False, args.runs))
-    row("LiteRT + XNNPACK (default delegate)", run_tflite(tfl, xq, xnnpack=True, batch=500),
-        _latency_tflite(tfl, x1, True, args.runs))
+    row(
+        "LiteRT builtin kernels (no delegate)",
+        run_tflite(tfl, xq, batch=500),
+        _latency_tflite(tfl, x1, False, args.runs),
+    )
+    row(
+        "LiteRT + XNNPACK (default delegate)",
+        run_tflite(tfl, xq, xnnpack=True, batch=500),
+        _latency_tflite(tfl, x1, True, args.runs),
+    )
     row("onnxruntime 1.31 QDQ (QLinear kernels)", run_onnxruntime(onx, xq), _latency_ort(onx, x1, args.runs))
     # peer: the official MLPerf int8 model, builtin vs XNNPACK (its own gap, not vs our reference)
     off_b = run_tflite(official, xq, batch=1)
     off_x = run_tflite(official, xq, xnnpack=True, batch=1)
     g = compare(off_x, off_b)
-    peer = {"official_int8_top1": float((off_b.argmax(-1) == y).mean()),
-            "official_xnnpack_vs_builtin": g,
-            "official_latency_us_xnnpack": _latency_tflite(official, x1, True, args.runs)}
+    peer = {
+        "official_int8_top1": float((off_b.argmax(-1) == y).mean()),
+        "official_xnnpack_vs_builtin": g,
+        "official_latency_us_xnnpack": _latency_tflite(official, x1, True, args.runs),
+    }
 
     print(f"ResNet-8 (MLPerf Tiny) on {len(x)} CIFAR-10 test images; integer logits vs edgekit's reference\n")
-    hdr = f"{'runtime':42s} {'equal':>8s} {'rows=':>8s} {'maxLSB':>7s} {'meanLSB':>8s} {'top1 agr':>9s} " \
-          f"{'top-1':>7s} {'us/img':>8s}"
+    hdr = (
+        f"{'runtime':42s} {'equal':>8s} {'rows=':>8s} {'maxLSB':>7s} {'meanLSB':>8s} {'top1 agr':>9s} "
+        f"{'top-1':>7s} {'us/img':>8s}"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['runtime']:42s} {r['equal_share']:8.2%} {r['rows_identical']:8.2%} {r['max_lsb']:7d} "
-              f"{r['mean_lsb']:8.3f} {r['top1_agreement']:9.2%} {r['top1']:7.2%} {r['latency_us']:8.1f}")
+        print(
+            f"{r['runtime']:42s} {r['equal_share']:8.2%} {r['rows_identical']:8.2%} {r['max_lsb']:7d} "
+            f"{r['mean_lsb']:8.3f} {r['top1_agreement']:9.2%} {r['top1']:7.2%} {r['latency_us']:8.1f}"
+        )
     print(f"\nonnxruntime kernels after QDQ fusion: {integer_kernels(onx)}")
-    print(f"peer: official MLPerf int8 .tflite top-1 {peer['official_int8_top1']:.2%}; "
-          "its XNNPACK vs builtin (softmax int8 outputs): "
-          f"{g['equal_share']:.2%} logits equal, max {g['max_lsb']} LSB, top-1 agreement {g['top1_agreement']:.2%}; "
-          f"{peer['official_latency_us_xnnpack']:.1f} us/img with XNNPACK")
+    print(
+        f"peer: official MLPerf int8 .tflite top-1 {peer['official_int8_top1']:.2%}; "
+        "its XNNPACK vs builtin (softmax int8 outputs): "
+        f"{g['equal_share']:.2%} logits equal, max {g['max_lsb']} LSB, top-1 agreement {g['top1_agreement']:.2%}; "
+        f"{peer['official_latency_us_xnnpack']:.1f} us/img with XNNPACK"
+    )
 
     vela = []
     tfl1, _ = to_tflite_bytes(qm, batch=1)
-    print(f"\n{'Ethos-U target':16s} {'system config':30s} {'MHz':>5s} {'cycles':>9s} {'ms/inf':>8s} "
-          f"{'SRAM KiB':>9s} {'DRAM KiB':>9s} {'flash KiB':>9s} {'CPU ops':>7s}")
+    print(
+        f"\n{'Ethos-U target':16s} {'system config':30s} {'MHz':>5s} {'cycles':>9s} {'ms/inf':>8s} "
+        f"{'SRAM KiB':>9s} {'DRAM KiB':>9s} {'flash KiB':>9s} {'CPU ops':>7s}"
+    )
     for t in [s for s in args.targets.split(",") if s]:
         with tempfile.TemporaryDirectory() as tmp:
             e = compile_for_ethos_u(tfl1, t, out_dir=tmp)
         vela.append(e.to_json())
-        print(f"{t:16s} {e.system_config:30s} {e.core_clock_hz / 1e6:5.0f} {e.cycles_total:9d} "
-              f"{e.inference_time_ms:8.3f} {e.sram_used_bytes / 1024:9.1f} {e.dram_used_bytes / 1024:9.1f} "
-              f"{(e.off_chip_flash_used_bytes + e.on_chip_flash_used_bytes) / 1024:9.1f} {len(e.cpu_ops):7d}")
+        print(
+            f"{t:16s} {e.system_config:30s} {e.core_clock_hz / 1e6:5.0f} {e.cycles_total:9d} "
+            f"{e.inference_time_ms:8.3f} {e.sram_used_bytes / 1024:9.1f} {e.dram_used_bytes / 1024:9.1f} "
+            f"{(e.off_chip_flash_used_bytes + e.on_chip_flash_used_bytes) / 1024:9.1f} {len(e.cpu_ops):7d}"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "peer": peer, "vela": vela}, indent=1))
     return 0

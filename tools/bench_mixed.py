@@ -61,10 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     def score(label: str, qm, **extra) -> dict:
         t = time.perf_counter()
         pred = qm.run(tx)[out_name].argmax(-1)
-        row = {"model": label, "top1": float((pred == ty).mean()), "weight_bytes": qm.weight_bytes(),
-               "size_fraction": qm.weight_bytes() / int8_bytes,
-               "bits": {n.name: n.attrs["weight_bits"] for n in qm.nodes if "weight" in n.params},
-               "eval_seconds": round(time.perf_counter() - t, 1), **extra}
+        row = {
+            "model": label,
+            "top1": float((pred == ty).mean()),
+            "weight_bytes": qm.weight_bytes(),
+            "size_fraction": qm.weight_bytes() / int8_bytes,
+            "bits": {n.name: n.attrs["weight_bits"] for n in qm.nodes if "weight" in n.params},
+            "eval_seconds": round(time.perf_counter() - t, 1),
+            **extra,
+        }
         rows.append(row)
         print(f"{label:28s} top-1 {row['top1']:.4f}  size {row['size_fraction']:.3f}", flush=True)
         return row
@@ -77,16 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         sens[method] = sensitivity(graph, calib, stats, method)
         qm, report = plan_mixed(graph, calib, max_size=args.budget, stats=stats, sens=sens[method])
         export_s = t_cal + (time.perf_counter() - t)
-        mixed_rows[method] = score(f"mixed@{args.budget:.2f} ({method})", qm,
-                                   export_seconds=round(export_s, 1),
-                                   sensitivity_seconds=round(sens[method].seconds, 1),
-                                   ilp_seconds=report["mixed"]["ilp"]["solve_seconds"])
+        mixed_rows[method] = score(
+            f"mixed@{args.budget:.2f} ({method})",
+            qm,
+            export_seconds=round(export_s, 1),
+            sensitivity_seconds=round(sens[method].seconds, 1),
+            ilp_seconds=report["mixed"]["ilp"]["solve_seconds"],
+        )
     score("uniform int4", quantize_with_bits(graph, {"*": 4}, stats, calib=calib))
     target = min(r["weight_bytes"] for r in mixed_rows.values())
     rand = []
     for seed in range(args.random_seeds):
-        bits = random_allocation(params, ties, max_bytes=args.budget * int8_bytes,
-                                 min_bytes=target - 0.05 * int8_bytes, seed=seed)
+        bits = random_allocation(
+            params, ties, max_bytes=args.budget * int8_bytes, min_bytes=target - 0.05 * int8_bytes, seed=seed
+        )
         qm = quantize_with_bits(graph, bits, stats, calib=calib)
         rand.append(score(f"random@<={args.budget:.2f} seed {seed}", qm))
 
@@ -94,27 +103,53 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     short = {n: (re.findall(r"model/(conv2d(?:_\d+)?|dense)/", n) or [n])[-1] for n in params}
-    lines = [f"# Mixed precision, ResNet-8 / CIFAR-10 ({len(ty)} test images, budget {args.budget:.2f} x int8 bytes)",
-             "", "| model | top-1 | drop vs int8 (points) | weight bytes | x int8 | 4-bit layers |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Mixed precision, ResNet-8 / CIFAR-10 ({len(ty)} test images, budget {args.budget:.2f} x int8 bytes)",
+        "",
+        "| model | top-1 | drop vs int8 (points) | weight bytes | x int8 | 4-bit layers |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         four = ", ".join(short[n] for n, b in r["bits"].items() if b == 4) or "-"
-        lines.append(f"| {r['model']} | {100 * r['top1']:.2f} | {100 * (int8 - r['top1']):+.2f} | "
-                     f"{r['weight_bytes']:.0f} | {r['size_fraction']:.3f} | {four} |")
-    lines.append(f"| random (mean of {len(rand)}) | {100 * np.mean([r['top1'] for r in rand]):.2f} | "
-                 f"{100 * (int8 - np.mean([r['top1'] for r in rand])):+.2f} | | | |")
-    lines += ["", "Sensitivity per layer (4-bit cost; 8-bit in brackets):", "",
-              "| layer | params | hessian | measured KL |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {100 * r['top1']:.2f} | {100 * (int8 - r['top1']):+.2f} | "
+            f"{r['weight_bytes']:.0f} | {r['size_fraction']:.3f} | {four} |"
+        )
+    lines.append(
+        f"| random (mean of {len(rand)}) | {100 * np.mean([r['top1'] for r in rand]):.2f} | "
+        f"{100 * (int8 - np.mean([r['top1'] for r in rand])):+.2f} | | | |"
+    )
+    lines += [
+        "",
+        "Sensitivity per layer (4-bit cost; 8-bit in brackets):",
+        "",
+        "| layer | params | hessian | measured KL |",
+        "|---|---|---|---|",
+    ]
     for n in params:
         h, m = sens["hessian"].values[n], sens["measured"].values[n]
         lines.append(f"| {short[n]} | {params[n]} | {h[4]:.4g} ({h[8]:.2g}) | {m[4]:.4g} ({m[8]:.2g}) |")
-    lines += ["", f"Timings (s): calibration {t_cal:.1f}; " + "; ".join(
-        f"{m}: sensitivity {r['sensitivity_seconds']}, ILP {r['ilp_seconds']}, export total {r['export_seconds']}"
-        for m, r in mixed_rows.items()), ""]
+    lines += [
+        "",
+        f"Timings (s): calibration {t_cal:.1f}; "
+        + "; ".join(
+            f"{m}: sensitivity {r['sensitivity_seconds']}, ILP {r['ilp_seconds']}, export total {r['export_seconds']}"
+            for m, r in mixed_rows.items()
+        ),
+        "",
+    ]
     (out / "bench_mixed.md").write_text("\n".join(lines))
-    (out / "bench_mixed.json").write_text(json.dumps(
-        {"rows": rows, "sensitivity": {k: v.to_json() for k, v in sens.items()}, "ties": ties,
-         "calibrate_seconds": t_cal}, indent=1))
+    (out / "bench_mixed.json").write_text(
+        json.dumps(
+            {
+                "rows": rows,
+                "sensitivity": {k: v.to_json() for k, v in sens.items()},
+                "ties": ties,
+                "calibrate_seconds": t_cal,
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
     print(f"wrote {out / 'bench_mixed.md'} and {out / 'bench_mixed.json'}")
     return 0

@@ -66,14 +66,20 @@ def main(argv: list[str] | None = None) -> int:
 
     points: dict[str, dict] = {}
     for budget in sorted(set(BUDGETS) | {args.chosen}):
-        qm, report = plan_mixed(graph, calib, max_size=budget, stats=stats, sens=sens, latency=latency,
-                                latency_overhead_ms=overhead)
+        qm, report = plan_mixed(
+            graph, calib, max_size=budget, stats=stats, sens=sens, latency=latency, latency_overhead_ms=overhead
+        )
         bits = report["mixed"]["bits"]
         key = json.dumps(bits, sort_keys=True)
         if key not in points:
             acc = float((qm.run(tx)[out_name].argmax(-1) == ty).mean())
-            points[key] = {"bits": bits, "top1": acc, "size_fraction": report["mixed"]["achieved"]["size_fraction"],
-                           "latency_ms": report["mixed"]["achieved"]["latency_ms_predicted"], "budgets": []}
+            points[key] = {
+                "bits": bits,
+                "top1": acc,
+                "size_fraction": report["mixed"]["achieved"]["size_fraction"],
+                "latency_ms": report["mixed"]["achieved"]["latency_ms_predicted"],
+                "budgets": [],
+            }
             print(f"budget {budget:.2f}: size {points[key]['size_fraction']:.3f} top-1 {acc:.4f}", flush=True)
         points[key]["budgets"].append(budget)
     int4 = quantize_with_bits(graph, {"*": 4}, stats, calib=calib)
@@ -87,8 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     ax = axes[0][0]
     ax.plot([q["size_fraction"] for q in pts], [100 * q["top1"] for q in pts], "o-", label=f"ILP ({args.method})")
     ax.plot([0.5], [100 * int4_acc], "s", color="gray", label="uniform int4")
-    ax.plot([chosen["size_fraction"]], [100 * chosen["top1"]], "*", ms=18, color="red",
-            label=f"chosen (budget {args.chosen:.2f})")
+    ax.plot(
+        [chosen["size_fraction"]],
+        [100 * chosen["top1"]],
+        "*",
+        ms=18,
+        color="red",
+        label=f"chosen (budget {args.chosen:.2f})",
+    )
     ax.axvline(args.chosen, color="red", lw=0.8, ls="--")
     ax.set_xlabel("weight bytes / int8 weight bytes")
     ax.set_ylabel(f"top-1 % (CIFAR-10, {len(ty)} test images)")
@@ -111,10 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     png = out / "pareto_resnet8.png"
     fig.savefig(png, dpi=110)
-    (out / "pareto_resnet8.json").write_text(json.dumps(
-        {"points": pts, "int4": {"top1": int4_acc, "latency_ms": int4_lat}, "chosen_budget": args.chosen,
-         "latency": lat_info, "latency_table_ms": latency, "method": args.method, "test_images": int(len(ty))},
-        indent=1))
+    (out / "pareto_resnet8.json").write_text(
+        json.dumps(
+            {
+                "points": pts,
+                "int4": {"top1": int4_acc, "latency_ms": int4_lat},
+                "chosen_budget": args.chosen,
+                "latency": lat_info,
+                "latency_table_ms": latency,
+                "method": args.method,
+                "test_images": int(len(ty)),
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {png}")
     return 0
 

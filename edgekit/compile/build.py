@@ -75,8 +75,9 @@ def sample_inputs(lowered: Lowered, n: int, seed: int = 0) -> list[np.ndarray]:
     return [rng.integers(-128, 128, size=lowered.inputs[0]["shape"]).astype(np.int8) for _ in range(n)]
 
 
-def run_library(so_path: Path, spec: TargetSpec, xs: list[np.ndarray],
-                out_shapes: list[list[int]]) -> list[list[np.ndarray]]:
+def run_library(
+    so_path: Path, spec: TargetSpec, xs: list[np.ndarray], out_shapes: list[list[int]]
+) -> list[list[np.ndarray]]:
     """Run a compiled library on int8 inputs: in-process on the host, under qemu-user for aarch64.
     Returns, per input, the list of int8 outputs."""
     if spec.arch == platform.machine() or (spec.arch == "x86_64" and platform.machine() == "AMD64"):
@@ -103,8 +104,9 @@ def can_run(spec: TargetSpec) -> bool:
     return spec.arch == "aarch64" and emulate.available()
 
 
-def verify_library(so_path: Path, spec: TargetSpec, qm: QuantModel, lowered: Lowered,
-                   inputs: list[np.ndarray]) -> dict[str, Any]:
+def verify_library(
+    so_path: Path, spec: TargetSpec, qm: QuantModel, lowered: Lowered, inputs: list[np.ndarray]
+) -> dict[str, Any]:
     """Compare the compiled library with the reference executor on ``inputs`` (int8)."""
     out_shapes = [o["shape"] for o in lowered.outputs]
     mism, total = 0, 0
@@ -161,8 +163,9 @@ def compile_model(
         if tune:
             from .tune import tune_module
 
-            mod, tuned_info = tune_module(lowered, spec, trials=trials, tuning_dir=tuning_dir, rpc=rpc, progress=say,
-                                             **(tune_options or {}))
+            mod, tuned_info = tune_module(
+                lowered, spec, trials=trials, tuning_dir=tuning_dir, rpc=rpc, progress=say, **(tune_options or {})
+            )
         say(f"building for {spec.name} ({spec.tvm_dict().get('mcpu', spec.tvm.get('mtriple', ''))})")
         build_library(lowered, spec, so_path, mod)
         verified: dict[str, Any] | None = None
@@ -172,15 +175,19 @@ def compile_model(
             say(f"checking bit-exactness against the reference on {len(inputs)} input(s)")
             verified = verify_library(so_path, spec, qm, lowered, inputs)
             if verified["mismatches"] and mod is not None:
-                say(f"tuned build differs from the reference ({verified['mismatches']} values): "
-                    "falling back to the untuned kernels")
+                say(
+                    f"tuned build differs from the reference ({verified['mismatches']} values): "
+                    "falling back to the untuned kernels"
+                )
                 tuned_info = {"tuned": False, "tuning_rejected": f"{verified['mismatches']} mismatching values"}
                 build_library(lowered, spec, so_path, None)
                 verified = verify_library(so_path, spec, qm, lowered, inputs)
             if verified["mismatches"]:
-                raise CompileError(f"the compiled model differs from the reference executor in "
-                                   f"{verified['mismatches']} of {verified['values']} values on {spec.name}; "
-                                   "this is a compiler bug: report it with the model")
+                raise CompileError(
+                    f"the compiled model differs from the reference executor in "
+                    f"{verified['mismatches']} of {verified['values']} values on {spec.name}; "
+                    "this is a compiler bug: report it with the model"
+                )
         ref_path = Path(td) / "reference.ekq"
         qm.save(ref_path)
         manifest = {

@@ -56,8 +56,17 @@ class GraphBuilder:
         self.qm.nodes.append(QNode("quantize", "quantize", [name], [q]))
         return q
 
-    def conv(self, x: str, o: int, k: int = 3, stride: int = 1, groups: int = 1, relu: bool = True,
-             bits: int | None = None, pad: str = "same") -> str:
+    def conv(
+        self,
+        x: str,
+        o: int,
+        k: int = 3,
+        stride: int = 1,
+        groups: int = 1,
+        relu: bool = True,
+        bits: int | None = None,
+        pad: str = "same",
+    ) -> str:
         n, h, w, c = self.shapes[x]
         bits = self.bits if bits is None else bits
         lim = 7 if bits == 4 else 127
@@ -74,11 +83,22 @@ class GraphBuilder:
         m, s = self._rescale(o, k * k * ipg, lim / 1.7)
         i = len(self.qm.nodes)
         bias = self.rng.integers(-2000, 2000, size=o).astype(np.int32)
-        params = {"weight": self._const(f"w{i}", wt, bits), "bias": self._const(f"b{i}", bias),
-                  "multiplier": self._const(f"m{i}", m), "shift": self._const(f"s{i}", s)}
+        params = {
+            "weight": self._const(f"w{i}", wt, bits),
+            "bias": self._const(f"b{i}", bias),
+            "multiplier": self._const(f"m{i}", m),
+            "shift": self._const(f"s{i}", s),
+        }
         zout = self.qm.tensors[y].zero_point
-        attrs = {"strides": [stride, stride], "dilations": [1, 1], "pads": pads, "groups": groups,
-                 "weight_bits": bits, "act_min": zout if relu else -128, "act_max": 127}
+        attrs = {
+            "strides": [stride, stride],
+            "dilations": [1, 1],
+            "pads": pads,
+            "groups": groups,
+            "weight_bits": bits,
+            "act_min": zout if relu else -128,
+            "act_max": 127,
+        }
         self.qm.nodes.append(QNode("conv2d", f"conv{i}", [x], [y], attrs, params))
         return y
 
@@ -87,9 +107,18 @@ class GraphBuilder:
         zout = self.qm.tensors[y].zero_point
         ma, sa = quantize_multiplier(0.5 * float(self.rng.uniform(0.7, 1.0)))
         mb, sb = quantize_multiplier(0.5 * float(self.rng.uniform(0.7, 1.0)))
-        mo, so = quantize_multiplier(2.0 ** -20 * 1.3)
-        attrs = {"left_shift": 20, "multiplier_a": ma, "shift_a": sa, "multiplier_b": mb, "shift_b": sb,
-                 "multiplier": mo, "shift": so, "act_min": zout if relu else -128, "act_max": 127}
+        mo, so = quantize_multiplier(2.0**-20 * 1.3)
+        attrs = {
+            "left_shift": 20,
+            "multiplier_a": ma,
+            "shift_a": sa,
+            "multiplier_b": mb,
+            "shift_b": sb,
+            "multiplier": mo,
+            "shift": so,
+            "act_min": zout if relu else -128,
+            "act_max": 127,
+        }
         self.qm.nodes.append(QNode("add", f"add{len(self.qm.nodes)}", [a, b], [y], attrs))
         return y
 
@@ -126,16 +155,20 @@ class GraphBuilder:
         y = self._t("dense", (*shp[:-1], o))
         m, s = self._rescale(o, k, lim / 1.7)
         i = len(self.qm.nodes)
-        params = {"weight": self._const(f"w{i}", wt, bits),
-                  "bias": self._const(f"b{i}", self.rng.integers(-2000, 2000, size=o).astype(np.int32)),
-                  "multiplier": self._const(f"m{i}", m), "shift": self._const(f"s{i}", s)}
+        params = {
+            "weight": self._const(f"w{i}", wt, bits),
+            "bias": self._const(f"b{i}", self.rng.integers(-2000, 2000, size=o).astype(np.int32)),
+            "multiplier": self._const(f"m{i}", m),
+            "shift": self._const(f"s{i}", s),
+        }
         zout = self.qm.tensors[y].zero_point
         attrs = {"weight_bits": bits, "act_min": zout if relu else -128, "act_max": 127}
         self.qm.nodes.append(QNode("dense", f"dense{i}", [x], [y], attrs, params))
         return y
 
-    def simple(self, op: str, x: str, attrs: dict, shape: tuple[int, ...] | None = None, inputs=None,
-               params=None) -> str:
+    def simple(
+        self, op: str, x: str, attrs: dict, shape: tuple[int, ...] | None = None, inputs=None, params=None
+    ) -> str:
         y = self._t(op, shape or self.shapes[x])
         self.qm.nodes.append(QNode(op, f"{op}{len(self.qm.nodes)}", inputs or [x], [y], attrs, params or {}))
         return y
@@ -212,8 +245,9 @@ def all_ops(seed: int = 0, weight_bits: int = 8) -> QuantModel:
     cat_shape = (*g.shapes[f][:3], 64)
     cat = g.simple("concat", f, {"axis": 3, "multipliers": [None, cm], "shifts": [None, cs]}, cat_shape, [f, k])
     g.qm.tensors[cat].zero_point = g.qm.tensors[f].zero_point
-    p = g.simple("pad", cat, {"pads": [[0, 0], [1, 0], [0, 2], [0, 0]]},
-                 (cat_shape[0], cat_shape[1] + 1, cat_shape[2] + 2, 64))
+    p = g.simple(
+        "pad", cat, {"pads": [[0, 0], [1, 0], [0, 2], [0, 0]]}, (cat_shape[0], cat_shape[1] + 1, cat_shape[2] + 2, 64)
+    )
     t = g.simple("transpose", p, {"perm": [0, 2, 1, 3]}, (cat_shape[0], cat_shape[2] + 2, cat_shape[1] + 1, 64))
     table = rng.integers(-128, 128, size=256).astype(np.int8)
     g.qm.constants["lut_table"] = table

@@ -78,8 +78,11 @@ class TargetSpec:
             return None
         path = shutil.which(cc)
         if path is None:
-            hint = " (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu, or run tools/setup.d/40-tvm.sh)" \
-                if "aarch64" in cc else ""
+            hint = (
+                " (Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu, or run tools/setup.d/40-tvm.sh)"
+                if "aarch64" in cc
+                else ""
+            )
             raise TargetError(f"target {self.name!r} needs the compiler {cc!r}, which is not on PATH{hint}")
         return path
 
@@ -126,7 +129,7 @@ def parse_target(path: Path) -> TargetSpec:
         if not isinstance(d.get(s), dict):
             raise TargetError(f"{path}: missing the [{s}] table (see targets/rpi4.toml for a complete example)")
     if d["tvm"].get("kind") != "llvm":
-        raise TargetError(f"{path}: [tvm] kind must be \"llvm\" (got {d['tvm'].get('kind')!r})")
+        raise TargetError(f'{path}: [tvm] kind must be "llvm" (got {d["tvm"].get("kind")!r})')
     if not isinstance(d["device"].get("threads", 1), int) or d["device"].get("threads", 1) < 1:
         raise TargetError(f"{path}: [device] threads must be a positive integer")
     known = {"name", "description", "arch", *_SECTIONS}
@@ -162,6 +165,8 @@ def get_target(target: str | TargetSpec, targets_dir: str | Path | None = None) 
         return parse_target(Path(target))
     found = list_targets(targets_dir)
     if target not in found:
-        raise TargetError(f"unknown target {target!r}; known: {', '.join(sorted(found))} "
-                          f"(add your own as a TOML file in {USER_DIR} or pass --targets-dir)")
+        raise TargetError(
+            f"unknown target {target!r}; known: {', '.join(sorted(found))} "
+            f"(add your own as a TOML file in {USER_DIR} or pass --targets-dir)"
+        )
     return found[target]

@@ -55,8 +55,12 @@ def pack_runtime_artifact(
 ) -> Path:
     """An artifact for ``tflite``/``onnxruntime``/``tvm``; ``reference`` is packed as ``reference.ekq``."""
     model_file = Path(model_file)
-    manifest: dict[str, Any] = {"runtime": runtime, "model_file": model_file.name, "target": target,
-                                "extra": dict(extra or {})}
+    manifest: dict[str, Any] = {
+        "runtime": runtime,
+        "model_file": model_file.name,
+        "target": target,
+        "extra": dict(extra or {}),
+    }
     files: dict[str, str | Path] = {model_file.name: model_file}
     with tempfile.TemporaryDirectory() as tmp:
         if reference is not None:

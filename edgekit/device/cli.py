@@ -75,8 +75,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
         cpu = p.get("cpu", {})
         cpu_text = cpu.get("Model") or cpu.get("model name") or cpu.get("CPU part", "?")
         mem = (p.get("mem_available_kib") or 0) / 1024
-        print(f"{p['url'].split('?')[0]}: {p['arch']}, {cpu_text}, {mem:.0f} MiB free, runtimes: {rts}, "
-              f"agent {p.get('agent_version')}")
+        print(
+            f"{p['url'].split('?')[0]}: {p['arch']}, {cpu_text}, {mem:.0f} MiB free, runtimes: {rts}, "
+            f"agent {p.get('agent_version')}"
+        )
     return 0
 
 
@@ -101,8 +103,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     reports = []
     with _open(args) as s:
         for artifact, data in (device_artifact(a, args.input) for a in args.artifact):
-            reports.append(add_token_rates(prof.profile(s, artifact, runs=args.runs, warmup=args.warmup,
-                                                        threads=args.threads, data=data, timeout=args.timeout)))
+            reports.append(
+                add_token_rates(
+                    prof.profile(
+                        s,
+                        artifact,
+                        runs=args.runs,
+                        warmup=args.warmup,
+                        threads=args.threads,
+                        data=data,
+                        timeout=args.timeout,
+                    )
+                )
+            )
     if args.png:
         prof.render_png(reports, args.png)
     if args.json:
@@ -118,17 +131,28 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from edgekit.device.validate import validate
 
     with _open(args) as s:
-        report = validate(s, args.artifact, args.data, reference=args.reference, float_model=args.float_model,
-                          batch=args.batch, limit=args.limit, progress=_progress("validate"))
+        report = validate(
+            s,
+            args.artifact,
+            args.data,
+            reference=args.reference,
+            float_model=args.float_model,
+            batch=args.batch,
+            limit=args.limit,
+            progress=_progress("validate"),
+        )
     if args.json:
         print(json.dumps(report, indent=1))
     else:
         print(f"{report['n']} samples on {report['device'].split('?')[0]} [{report['runtime']}]")
-        print(f"  bit-exact vs host reference: {report['bit_exact_fraction']:.2%} "
-              f"(max diff {report['max_lsb_diff']} LSB)")
+        print(
+            f"  bit-exact vs host reference: {report['bit_exact_fraction']:.2%} (max diff {report['max_lsb_diff']} LSB)"
+        )
         if report.get("top1_agreement_float") is not None:
-            print(f"  vs float model: top-1 agreement {report['top1_agreement_float']:.2%}, "
-                  f"SQNR {report['sqnr_db']:.1f} dB, cosine {report['cosine']:.4f}")
+            print(
+                f"  vs float model: top-1 agreement {report['top1_agreement_float']:.2%}, "
+                f"SQNR {report['sqnr_db']:.1f} dB, cosine {report['cosine']:.4f}"
+            )
         if "top1" in report:
             print(f"  top-1 accuracy: {report['top1']:.2%}")
         mm = report.get("first_mismatch")

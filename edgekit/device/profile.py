@@ -142,8 +142,12 @@ def render_png(reports: list[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2 if with_layers else 1, figsize=(12 if with_layers else 6, 4.5), squeeze=False)
     ax = axes[0][0]
     for r in reports:
-        ax.hist(r["latencies_ms"], bins=min(40, max(5, len(r["latencies_ms"]) // 3)), alpha=0.6,
-                label=f"{Path(r['artifact']).name} [{r['runtime']}] median {r['median_ms']:.2f} ms")
+        ax.hist(
+            r["latencies_ms"],
+            bins=min(40, max(5, len(r["latencies_ms"]) // 3)),
+            alpha=0.6,
+            label=f"{Path(r['artifact']).name} [{r['runtime']}] median {r['median_ms']:.2f} ms",
+        )
     ax.set_xlabel("latency (ms, on-device clock)")
     ax.set_ylabel("runs")
     ax.set_title("latency distribution")

@@ -26,8 +26,10 @@ RUNTIMES = ("litert", "onnxruntime")
 LABEL_PRESETS = {
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
 }
-QUANTIZE_RULE = ("q = clamp(round_half_away_from_zero(x / scale) + zero_point, qmin, qmax), "
-                 "x = (pixel - mean[c]) / std[c] as float32")
+QUANTIZE_RULE = (
+    "q = clamp(round_half_away_from_zero(x / scale) + zero_point, qmin, qmax), "
+    "x = (pixel - mean[c]) / std[c] as float32"
+)
 
 
 def _version() -> str:
@@ -56,14 +58,29 @@ def resolve_labels(labels: str | list[str] | None, qm: QuantModel) -> list[str] 
 def _io_entry(qm: QuantModel, name: str, *, offset: int, batch: int, extra: dict[str, Any]) -> dict[str, Any]:
     info = qm.tensors[name]
     shape = [batch if d is None else int(d) for d in info.shape]
-    return {"name": name, "shape": shape, "dtype": "uint8" if offset else "int8",
-            "scale": float(np.float32(info.scale)), "zero_point": int(info.zero_point) + offset,
-            "qmin": 0 if offset else -128, "qmax": 255 if offset else 127, **extra}
+    return {
+        "name": name,
+        "shape": shape,
+        "dtype": "uint8" if offset else "int8",
+        "scale": float(np.float32(info.scale)),
+        "zero_point": int(info.zero_point) + offset,
+        "qmin": 0 if offset else -128,
+        "qmax": 255 if offset else 127,
+        **extra,
+    }
 
 
-def build_metadata(qm: QuantModel, runtime: str, model_file: str, model_bytes: bytes, *,
-                   labels: list[str] | None, mean: list[float], std: list[float],
-                   io_names: tuple[list[str], list[str]] | None = None) -> dict[str, Any]:
+def build_metadata(
+    qm: QuantModel,
+    runtime: str,
+    model_file: str,
+    model_bytes: bytes,
+    *,
+    labels: list[str] | None,
+    mean: list[float],
+    std: list[float],
+    io_names: tuple[list[str], list[str]] | None = None,
+) -> dict[str, Any]:
     """The bundle's metadata.json: everything an app needs, by the model's own tensor names."""
     offset = 128 if runtime == "onnxruntime" else 0
     q_nodes = {n.inputs[0]: n.outputs[0] for n in qm.nodes if n.op == "quantize"}
@@ -71,12 +88,22 @@ def build_metadata(qm: QuantModel, runtime: str, model_file: str, model_bytes: b
     inputs = []
     for src, name in zip(qm.inputs, in_names, strict=True):
         layout = "NHWC" if len(qm.tensors[q_nodes[src]].shape) == 4 else "ND"
-        inputs.append(_io_entry(qm, q_nodes[src], offset=offset, batch=1, extra={"layout": layout})
-                      | {"name": name, "tensor": q_nodes[src]})
+        inputs.append(
+            _io_entry(qm, q_nodes[src], offset=offset, batch=1, extra={"layout": layout})
+            | {"name": name, "tensor": q_nodes[src]}
+        )
     outputs = []
     for spec, name in zip(qm.outputs, io_names[1] if io_names else [o.name for o in qm.outputs], strict=True):
-        outputs.append(_io_entry(qm, spec.name, offset=offset, batch=1, extra={
-            "epilogue": list(spec.epilogue), "softmax_axis": spec.softmax_axis}) | {"name": name})
+        outputs.append(
+            _io_entry(
+                qm,
+                spec.name,
+                offset=offset,
+                batch=1,
+                extra={"epilogue": list(spec.epilogue), "softmax_axis": spec.softmax_axis},
+            )
+            | {"name": name}
+        )
     channels = inputs[0]["shape"][-1] if inputs else 0
     return {
         "format": BUNDLE_FORMAT,
@@ -106,9 +133,12 @@ def build_metadata(qm: QuantModel, runtime: str, model_file: str, model_bytes: b
         },
         "runtime_options": {
             "xnnpack": False if runtime == "litert" else None,
-            "why": ("LiteRT's builtin int8 kernels give exactly edgekit's reference outputs; the XNNPACK "
-                    "delegate requantizes in float (a few LSB apart)") if runtime == "litert" else
-                   "onnxruntime requantizes in float: outputs are within a few LSB of edgekit's reference",
+            "why": (
+                "LiteRT's builtin int8 kernels give exactly edgekit's reference outputs; the XNNPACK "
+                "delegate requantizes in float (a few LSB apart)"
+            )
+            if runtime == "litert"
+            else "onnxruntime requantizes in float: outputs are within a few LSB of edgekit's reference",
         },
         "labels": labels,
     }
@@ -125,7 +155,7 @@ def _snippets(meta: dict[str, Any]) -> dict[str, str]:
     model = meta["model_file"]
     if meta["runtime"] == "litert":
         kotlin = f'''// Android, LiteRT: implementation("com.google.ai.edge.litert:litert:1.+")
-// assets/: {model}, metadata.json. Input "{inp['name']}" {inp['dtype']} {inp['shape']}, output "{out['name']}".
+// assets/: {model}, metadata.json. Input "{inp["name"]}" {inp["dtype"]} {inp["shape"]}, output "{out["name"]}".
 import org.tensorflow.lite.Interpreter
 import java.nio.ByteBuffer
 import java.nio.ByteOrder
@@ -134,7 +164,7 @@ import kotlin.math.*
 class Classifier(modelBuffer: ByteBuffer, private val labels: List<String>) {{
     // builtin int8 kernels: bit-exact with edgekit's reference (XNNPACK requantizes in float)
     private val interpreter = Interpreter(modelBuffer, Interpreter.Options().setNumThreads(1).setUseXNNPACK(false))
-    private val scale = {inp['scale']}f; private val zeroPoint = {inp['zero_point']}
+    private val scale = {inp["scale"]}f; private val zeroPoint = {inp["zero_point"]}
     private val mean = floatArrayOf({", ".join(f"{v}f" for v in mean)})
     private val std = floatArrayOf({", ".join(f"{v}f" for v in std)})
 
@@ -144,12 +174,12 @@ class Classifier(modelBuffer: ByteBuffer, private val labels: List<String>) {{
         for (i in rgb.indices) {{
             val x = ((rgb[i].toInt() and 0xFF) - mean[i % {c}]) / std[i % {c}]
             val r = x / scale; val q = (sign(r) * floor(abs(r) + 0.5f)).toInt() + zeroPoint
-            input.put(q.coerceIn({inp['qmin']}, {inp['qmax']}).{store})
+            input.put(q.coerceIn({inp["qmin"]}, {inp["qmax"]}).{store})
         }}
         input.rewind()
         val out = ByteBuffer.allocateDirect({n_out}).order(ByteOrder.nativeOrder())
-        interpreter.runSignature(mapOf("{inp['name']}" to input), mapOf("{out['name']}" to out))
-        val logits = FloatArray({n_out}) {{ (out.get(it).toInt() - ({out['zero_point']})) * {out['scale']}f }}
+        interpreter.runSignature(mapOf("{inp["name"]}" to input), mapOf("{out["name"]}" to out))
+        val logits = FloatArray({n_out}) {{ (out.get(it).toInt() - ({out["zero_point"]})) * {out["scale"]}f }}
         val e = logits.map {{ exp(it - logits.max()) }}; val probs = e.map {{ it / e.sum() }}.toFloatArray()
         return labels[probs.indices.maxBy {{ probs[it] }}] to probs
     }}
@@ -162,7 +192,7 @@ import Foundation
 final class Classifier {{
     private let interpreter: Interpreter
     private let labels: [String]
-    private let scale: Float = {inp['scale']}, zeroPoint = {inp['zero_point']}
+    private let scale: Float = {inp["scale"]}, zeroPoint = {inp["zero_point"]}
     private let mean: [Float] = {mean}, std: [Float] = {std}
 
     init(modelPath: String, labels: [String]) throws {{
@@ -173,17 +203,17 @@ final class Classifier {{
         self.labels = labels
     }}
 
-    /// rgb: {h}x{w}x{c} bytes, NHWC, 0...255. Input "{inp['name']}", output "{out['name']}".
+    /// rgb: {h}x{w}x{c} bytes, NHWC, 0...255. Input "{inp["name"]}", output "{out["name"]}".
     func classify(rgb: [UInt8]) throws -> (String, [Float]) {{
         let q: [Int8] = rgb.enumerated().map {{ i, p in
             let r = ((Float(p) - mean[i % {c}]) / std[i % {c}]) / scale
             let v = Int((r < 0 ? -1 : 1) * floor(abs(r) + 0.5)) + zeroPoint
-            return Int8(clamping: min(max(v, {inp['qmin']}), {inp['qmax']}))
+            return Int8(clamping: min(max(v, {inp["qmin"]}), {inp["qmax"]}))
         }}
         try interpreter.copy(q.withUnsafeBufferPointer {{ Data(buffer: $0) }}, toInputAt: 0)
         try interpreter.invoke()
         let raw = [Int8](try interpreter.output(at: 0).data.map {{ Int8(bitPattern: $0) }})
-        let logits = raw.map {{ Float(Int($0) - ({out['zero_point']})) * {out['scale']} }}
+        let logits = raw.map {{ Float(Int($0) - ({out["zero_point"]})) * {out["scale"]} }}
         let m = logits.max()!, e = logits.map {{ exp($0 - m) }}, s = e.reduce(0, +)
         let probs = e.map {{ $0 / s }}
         return (labels[probs.firstIndex(of: probs.max()!)!], probs)
@@ -192,8 +222,8 @@ final class Classifier {{
 '''
     else:
         kotlin = f'''// Android, onnxruntime: implementation("com.microsoft.onnxruntime:onnxruntime-android:1.+")
-// assets/: {model}, metadata.json. Input "{inp['name']}" uint8 {inp['shape']} (int8 value + 128),
-// output "{out['name']}".
+// assets/: {model}, metadata.json. Input "{inp["name"]}" uint8 {inp["shape"]} (int8 value + 128),
+// output "{out["name"]}".
 import ai.onnxruntime.*
 import java.nio.ByteBuffer
 import kotlin.math.*
@@ -201,7 +231,7 @@ import kotlin.math.*
 class Classifier(modelBytes: ByteArray, private val labels: List<String>) {{
     private val env = OrtEnvironment.getEnvironment()
     private val session = env.createSession(modelBytes, OrtSession.SessionOptions())
-    private val scale = {inp['scale']}f; private val zeroPoint = {inp['zero_point']}
+    private val scale = {inp["scale"]}f; private val zeroPoint = {inp["zero_point"]}
     private val mean = floatArrayOf({", ".join(f"{v}f" for v in mean)})
     private val std = floatArrayOf({", ".join(f"{v}f" for v in std)})
 
@@ -212,10 +242,10 @@ class Classifier(modelBytes: ByteArray, private val labels: List<String>) {{
             buf.put(((sign(r) * floor(abs(r) + 0.5f)).toInt() + zeroPoint).coerceIn(0, 255).toByte())
         }}
         buf.rewind()
-        val t = OnnxTensor.createTensor(env, buf, longArrayOf({", ".join(str(v) for v in inp['shape'])}),
+        val t = OnnxTensor.createTensor(env, buf, longArrayOf({", ".join(str(v) for v in inp["shape"])}),
                                         OnnxJavaType.UINT8)
-        val out = session.run(mapOf("{inp['name']}" to t)).use {{ (it.get(0).value as Array<ByteArray>)[0] }}
-        val logits = FloatArray({n_out}) {{ ((out[it].toInt() and 0xFF) - {out['zero_point']}) * {out['scale']}f }}
+        val out = session.run(mapOf("{inp["name"]}" to t)).use {{ (it.get(0).value as Array<ByteArray>)[0] }}
+        val logits = FloatArray({n_out}) {{ ((out[it].toInt() and 0xFF) - {out["zero_point"]}) * {out["scale"]}f }}
         val e = logits.map {{ exp(it - logits.max()) }}; val probs = e.map {{ it / e.sum() }}.toFloatArray()
         return labels[probs.indices.maxBy {{ probs[it] }}] to probs
     }}
@@ -228,7 +258,7 @@ import Foundation
 final class Classifier {{
     private let session: ORTSession
     private let labels: [String]
-    private let scale: Float = {inp['scale']}, zeroPoint = {inp['zero_point']}
+    private let scale: Float = {inp["scale"]}, zeroPoint = {inp["zero_point"]}
     private let mean: [Float] = {mean}, std: [Float] = {std}
 
     init(modelPath: String, labels: [String]) throws {{
@@ -242,9 +272,9 @@ final class Classifier {{
             return UInt8(clamping: Int((r < 0 ? -1 : 1) * floor(abs(r) + 0.5)) + zeroPoint)
         }}
         let input = try ORTValue(tensorData: NSMutableData(bytes: &q, length: q.count), elementType: .uInt8,
-                                 shape: {inp['shape']})
-        let out = try session.run(withInputs: ["{inp['name']}": input], outputNames: ["{out['name']}"],
-                                  runOptions: nil)["{out['name']}"]!
+                                 shape: {inp["shape"]})
+        let out = try session.run(withInputs: ["{inp["name"]}": input], outputNames: ["{out["name"]}"],
+                                  runOptions: nil)["{out["name"]}"]!
         let raw = [UInt8](try out.tensorData() as Data)
         return labels[raw.firstIndex(of: raw.max()!)!]  // argmax of the integer logits = top-1
     }}
@@ -255,22 +285,29 @@ final class Classifier {{
 
 def _readme(meta: dict[str, Any]) -> str:
     inp, out = meta["inputs"][0], meta["outputs"][0]
-    return f"""# {meta['model']} for {meta['runtime']}
+    return f"""# {meta["model"]} for {meta["runtime"]}
 
-Made by {meta['producer']}. Files: `{meta['model_file']}` (the model), `metadata.json` (names, shapes,
+Made by {meta["producer"]}. Files: `{meta["model_file"]}` (the model), `metadata.json` (names, shapes,
 quantization, preprocessing, labels), `android/Classifier.kt`, `ios/Classifier.swift`.
 
-- input `{inp['name']}`: {inp['dtype']} {inp['shape']} {inp['layout']}, scale {inp['scale']},
-  zero point {inp['zero_point']}
-- output `{out['name']}`: {out['dtype']} {out['shape']}, scale {out['scale']}, zero point {out['zero_point']}
-  (integer logits; the app applies {' then '.join(out['epilogue'])} if it needs probabilities)
-- preprocessing: uint8 RGB pixels, NHWC; x = (pixel - mean) / std; {meta['preprocessing']['quantize']}
+- input `{inp["name"]}`: {inp["dtype"]} {inp["shape"]} {inp["layout"]}, scale {inp["scale"]},
+  zero point {inp["zero_point"]}
+- output `{out["name"]}`: {out["dtype"]} {out["shape"]}, scale {out["scale"]}, zero point {out["zero_point"]}
+  (integer logits; the app applies {" then ".join(out["epilogue"])} if it needs probabilities)
+- preprocessing: uint8 RGB pixels, NHWC; x = (pixel - mean) / std; {meta["preprocessing"]["quantize"]}
 """
 
 
-def write_bundle(qm: QuantModel, out: str | Path, *, runtimes: tuple[str, ...] = RUNTIMES,
-                 labels: str | list[str] | None = None, mean: list[float] | None = None,
-                 std: list[float] | None = None, as_zip: bool = False) -> dict[str, Any]:
+def write_bundle(
+    qm: QuantModel,
+    out: str | Path,
+    *,
+    runtimes: tuple[str, ...] = RUNTIMES,
+    labels: str | list[str] | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    as_zip: bool = False,
+) -> dict[str, Any]:
     """Write one bundle per runtime under ``out`` (``out/litert/``, ``out/onnxruntime/`` or .zip)."""
     from edgekit.export.onnx_qdq import to_onnx
     from edgekit.export.tflite import to_tflite_bytes
@@ -296,8 +333,11 @@ def write_bundle(qm: QuantModel, out: str | Path, *, runtimes: tuple[str, ...] =
         # LiteRT: the signature keeps the model's own input/output names (tensor "<input>_int8" behind)
         names = (list(qm.inputs), [o.name for o in qm.outputs]) if rt == "litert" else None
         meta = build_metadata(qm, rt, model_file, data, labels=lab, mean=mean, std=std, io_names=names)
-        files: dict[str, bytes] = {model_file: data, "metadata.json": json.dumps(meta, indent=1).encode(),
-                                   "README.md": _readme(meta).encode()}
+        files: dict[str, bytes] = {
+            model_file: data,
+            "metadata.json": json.dumps(meta, indent=1).encode(),
+            "README.md": _readme(meta).encode(),
+        }
         files.update({k: v.encode() for k, v in _snippets(meta).items()})
         folder = out / rt
         if folder.exists():

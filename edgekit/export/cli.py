@@ -44,8 +44,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     runtimes = tuple(r.strip() for r in args.runtime.split(",")) if args.runtime else RUNTIMES
     mean = [float(v) for v in args.mean.split(",")] if args.mean else None
     std = [float(v) for v in args.std.split(",")] if args.std else None
-    res = write_bundle(qm, args.output, runtimes=runtimes, labels=args.labels, mean=mean, std=std,
-                       as_zip=args.zip)
+    res = write_bundle(qm, args.output, runtimes=runtimes, labels=args.labels, mean=mean, std=std, as_zip=args.zip)
     if args.json:
         print(json.dumps(res, indent=1))
     else:

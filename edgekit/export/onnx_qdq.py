@@ -26,8 +26,22 @@ from edgekit.qmodel import QNode, QuantModel
 CONTEXT = "ONNX export"
 OPSET = 13
 IR_VERSION = 8  # onnxruntime 1.31 rejects onnx 1.23's default IR 14
-SUPPORTED = {"quantize", "conv2d", "dense", "add", "mul", "avgpool", "maxpool", "requantize", "concat", "pad",
-             "reshape", "transpose", "clamp", "lut"}
+SUPPORTED = {
+    "quantize",
+    "conv2d",
+    "dense",
+    "add",
+    "mul",
+    "avgpool",
+    "maxpool",
+    "requantize",
+    "concat",
+    "pad",
+    "reshape",
+    "transpose",
+    "clamp",
+    "lut",
+}
 TO_NCHW, TO_NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
 
 
@@ -63,8 +77,15 @@ class _OnnxBuilder:
         self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
         return name
 
-    def node(self, op: str, ins: list[str], outs: list[str] | None = None, name: str | None = None,
-             domain: str = "", **attrs: Any) -> str:
+    def node(
+        self,
+        op: str,
+        ins: list[str],
+        outs: list[str] | None = None,
+        name: str | None = None,
+        domain: str = "",
+        **attrs: Any,
+    ) -> str:
         from onnx import helper
 
         outs = outs or [self.uniq(f"{name or op}:out")]
@@ -73,8 +94,10 @@ class _OnnxBuilder:
 
     def qparams(self, t: str) -> tuple[str, str]:
         info = self.qm.tensors[t]
-        return (self.const(f"{t}:scale", np.array(info.scale, np.float32)),
-                self.const(f"{t}:zero_point", np.array(info.zero_point + self.off, self.dt)))
+        return (
+            self.const(f"{t}:scale", np.array(info.scale, np.float32)),
+            self.const(f"{t}:zero_point", np.array(info.zero_point + self.off, self.dt)),
+        )
 
     def v(self, t: str) -> str:
         """The ONNX name carrying QuantModel tensor ``t``."""
@@ -101,9 +124,16 @@ class _OnnxBuilder:
             return
         s, z = self.qparams(out)
         pre = self.node("QuantizeLinear", [f, s, z], name=f"{out}:q")
-        self.node("Clip", [pre, self.const(f"{node.name}:min", np.array(lo + self.off, self.dt)),
-                           self.const(f"{node.name}:max", np.array(hi + self.off, self.dt))], [out],
-                  name=f"{node.name}:clamp")
+        self.node(
+            "Clip",
+            [
+                pre,
+                self.const(f"{node.name}:min", np.array(lo + self.off, self.dt)),
+                self.const(f"{node.name}:max", np.array(hi + self.off, self.dt)),
+            ],
+            [out],
+            name=f"{node.name}:clamp",
+        )
 
     def as_plain(self, t: str) -> str:
         """The ONNX name of ``t`` in the QuantModel's own (NHWC) layout."""
@@ -138,9 +168,16 @@ class _OnnxBuilder:
         bs = self.const(f"{n.name}:bias_scale", (w_s * np.float32(in_s)).astype(np.float32))
         bz = self.const(f"{n.name}:bias_zp", np.zeros(o, np.int32))
         bf = self.node("DequantizeLinear", [bq, bs, bz], name=f"{n.name}:bias_dq", axis=0)
-        y = self.node("Conv", [self.dq(x, self.as_nchw(x)), wf, bf], name=n.name, kernel_shape=list(w.shape[1:3]),
-                      strides=list(a.get("strides", [1, 1])), dilations=list(a.get("dilations", [1, 1])),
-                      pads=list(a.get("pads", [0, 0, 0, 0])), group=int(a.get("groups", 1)))
+        y = self.node(
+            "Conv",
+            [self.dq(x, self.as_nchw(x)), wf, bf],
+            name=n.name,
+            kernel_shape=list(w.shape[1:3]),
+            strides=list(a.get("strides", [1, 1])),
+            dilations=list(a.get("dilations", [1, 1])),
+            pads=list(a.get("pads", [0, 0, 0, 0])),
+            group=int(a.get("groups", 1)),
+        )
         self.q_act(y, n, out)
         self.layout[out] = "nchw"
 
@@ -154,13 +191,23 @@ class _OnnxBuilder:
         in_s, out_s = float(np.float32(qm.tensors[x].scale)), float(np.float32(qm.tensors[out].scale))
         w_s = _weight_scales(n, mult, shift, in_s, out_s)
         wq = self.const(f"{n.name}:weight", np.ascontiguousarray(w.T))  # [K, O]
-        wf = self.node("DequantizeLinear", [wq, self.const(f"{n.name}:weight_scale", w_s),
-                                            self.const(f"{n.name}:weight_zp", np.zeros(o, np.int8))],
-                       name=f"{n.name}:weight_dq", axis=1)
+        wf = self.node(
+            "DequantizeLinear",
+            [wq, self.const(f"{n.name}:weight_scale", w_s), self.const(f"{n.name}:weight_zp", np.zeros(o, np.int8))],
+            name=f"{n.name}:weight_dq",
+            axis=1,
+        )
         bq = self.const(f"{n.name}:bias", np.asarray(qm.constants[n.params["bias"]]).astype(np.int32))
-        bf = self.node("DequantizeLinear", [bq, self.const(f"{n.name}:bias_scale", (w_s * np.float32(in_s))),
-                                            self.const(f"{n.name}:bias_zp", np.zeros(o, np.int32))],
-                       name=f"{n.name}:bias_dq", axis=0)
+        bf = self.node(
+            "DequantizeLinear",
+            [
+                bq,
+                self.const(f"{n.name}:bias_scale", (w_s * np.float32(in_s))),
+                self.const(f"{n.name}:bias_zp", np.zeros(o, np.int32)),
+            ],
+            name=f"{n.name}:bias_dq",
+            axis=0,
+        )
         y = self.node("MatMul", [self.dq(x, self.as_plain(x)), wf], name=n.name)
         y = self.node("Add", [y, bf], name=f"{n.name}:bias_add")
         self.q_act(y, n, out)
@@ -195,9 +242,15 @@ class _OnnxBuilder:
     def op_avgpool(self, n: QNode) -> None:
         a = n.attrs
         x, out = n.inputs[0], n.outputs[0]
-        y = self.node("AveragePool", [self.dq(x, self.as_nchw(x))], name=n.name, kernel_shape=list(a["kernel"]),
-                      strides=list(a.get("strides", a["kernel"])), pads=list(a.get("pads", [0, 0, 0, 0])),
-                      count_include_pad=0)
+        y = self.node(
+            "AveragePool",
+            [self.dq(x, self.as_nchw(x))],
+            name=n.name,
+            kernel_shape=list(a["kernel"]),
+            strides=list(a.get("strides", a["kernel"])),
+            pads=list(a.get("pads", [0, 0, 0, 0])),
+            count_include_pad=0,
+        )
         self.q(y, out)
         self.layout[out] = "nchw"
 
@@ -205,8 +258,15 @@ class _OnnxBuilder:
         a = n.attrs
         x, out = n.inputs[0], n.outputs[0]
         # int8 MaxPool on raw values: padded cells ignored, same scale in and out
-        self.node("MaxPool", [self.as_nchw(x)], [out], name=n.name, kernel_shape=list(a["kernel"]),
-                  strides=list(a.get("strides", a["kernel"])), pads=list(a.get("pads", [0, 0, 0, 0])))
+        self.node(
+            "MaxPool",
+            [self.as_nchw(x)],
+            [out],
+            name=n.name,
+            kernel_shape=list(a["kernel"]),
+            strides=list(a.get("strides", a["kernel"])),
+            pads=list(a.get("pads", [0, 0, 0, 0])),
+        )
         self.layout[out] = "nchw"
         lo, hi = int(a.get("act_min", -128)), int(a.get("act_max", 127))
         if (lo, hi) != (-128, 127):
@@ -245,8 +305,9 @@ class _OnnxBuilder:
     def op_reshape(self, n: QNode) -> None:
         x, out = n.inputs[0], n.outputs[0]
         shape = [0 if d is None else int(d) for d in n.attrs["shape"]]
-        self.node("Reshape", [self.as_plain(x), self.const(f"{n.name}:shape", np.array(shape, np.int64))], [out],
-                  name=n.name)
+        self.node(
+            "Reshape", [self.as_plain(x), self.const(f"{n.name}:shape", np.array(shape, np.int64))], [out], name=n.name
+        )
         self.layout[out] = "plain"
 
     def op_transpose(self, n: QNode) -> None:
@@ -263,11 +324,12 @@ class _OnnxBuilder:
 
     def op_lut(self, n: QNode) -> None:
         x, out = n.inputs[0], n.outputs[0]
-        table = (np.asarray(self.qm.constants[n.params["table"]]).astype(np.int16).reshape(256) + self.off)
+        table = np.asarray(self.qm.constants[n.params["table"]]).astype(np.int16).reshape(256) + self.off
         table = table.astype(self.dt)
         idx = self.node("Cast", [self.v(x)], name=f"{n.name}:cast", to=6)  # INT32
-        idx = self.node("Add", [idx, self.const(f"{n.name}:offset", np.array(128 - self.off, np.int32))],
-                        name=f"{n.name}:index")
+        idx = self.node(
+            "Add", [idx, self.const(f"{n.name}:offset", np.array(128 - self.off, np.int32))], name=f"{n.name}:index"
+        )
         self.node("Gather", [self.const(f"{n.name}:table", table), idx], [out], name=n.name, axis=0)
         self.layout[out] = self.layout.get(x, "plain")
 
@@ -314,16 +376,21 @@ class _OnnxBuilder:
             shape = ["N" if d is None else int(d) for d in info.shape]
             outputs.append(helper.make_tensor_value_info(final, self.ttype, shape))
         graph = helper.make_graph(self.nodes, qm.name, inputs, outputs, self.inits)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgekit",
-                                  producer_version=_version())
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgekit", producer_version=_version()
+        )
         model.ir_version = IR_VERSION
-        meta = {"edgekit_version": _version(), "model": qm.name, "content_hash": qm.content_hash(),
-                "activations": np.dtype(self.dt).name, "value_offset": self.off,
-                "outputs": [{"name": o.name, "epilogue": o.epilogue} for o in qm.outputs]}
+        meta = {
+            "edgekit_version": _version(),
+            "model": qm.name,
+            "content_hash": qm.content_hash(),
+            "activations": np.dtype(self.dt).name,
+            "value_offset": self.off,
+            "outputs": [{"name": o.name, "epilogue": o.epilogue} for o in qm.outputs],
+        }
         helper.set_model_props(model, {"edgekit": json.dumps(meta, sort_keys=True)})
         onnx.checker.check_model(model)
         return model
-
 
 
 def _version() -> str:
@@ -355,9 +422,17 @@ def export_onnx(qm: QuantModel, out: str | Path, activations: str = "uint8") -> 
     ops: dict[str, int] = {}
     for nd in model.graph.node:
         ops[nd.op_type] = ops.get(nd.op_type, 0) + 1
-    return {"format": "onnx", "path": str(out), "bytes": out.stat().st_size, "ir_version": model.ir_version,
-            "activations": activations, "value_offset": 128 if activations == "uint8" else 0,
-            "opset": OPSET, "operators": ops, "integer_kernels": integer_kernels(out)}
+    return {
+        "format": "onnx",
+        "path": str(out),
+        "bytes": out.stat().st_size,
+        "ir_version": model.ir_version,
+        "activations": activations,
+        "value_offset": 128 if activations == "uint8" else 0,
+        "opset": OPSET,
+        "operators": ops,
+        "integer_kernels": integer_kernels(out),
+    }
 
 
 def make_session(model: str | Path | bytes, *, optimized_path: str | None = None):
@@ -396,17 +471,22 @@ def run_onnxruntime(model: str | Path | bytes, xq: np.ndarray, batch: int = 500)
     inp = sess.get_inputs()[0]
     off = 128 if inp.type == "tensor(uint8)" else 0
     feed = (np.asarray(xq).astype(np.int16) + off).astype(np.uint8 if off else np.int8)
-    out = np.concatenate([sess.run(None, {inp.name: np.ascontiguousarray(feed[s : s + batch])})[0]
-                          for s in range(0, len(feed), batch)])
+    out = np.concatenate(
+        [sess.run(None, {inp.name: np.ascontiguousarray(feed[s : s + batch])})[0] for s in range(0, len(feed), batch)]
+    )
     return (out.astype(np.int16) - off).astype(np.int8)
 
 
 def compare(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """How far integer outputs are from the reference: share equal, largest LSB gap, top-1 agreement."""
     d = np.abs(out.astype(np.int64) - ref.astype(np.int64))
-    res = {"n": int(len(ref)), "equal_share": float((d == 0).mean()),
-           "rows_identical": float((d.max(axis=-1) == 0).mean()), "max_lsb": int(d.max(initial=0)),
-           "mean_lsb": float(d.mean())}
+    res = {
+        "n": int(len(ref)),
+        "equal_share": float((d == 0).mean()),
+        "rows_identical": float((d.max(axis=-1) == 0).mean()),
+        "max_lsb": int(d.max(initial=0)),
+        "mean_lsb": float(d.mean()),
+    }
     if ref.ndim == 2:
         res["top1_agreement"] = float((out.argmax(-1) == ref.argmax(-1)).mean())
     return res

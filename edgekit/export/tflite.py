@@ -36,14 +36,31 @@ from edgekit.quant.arith import quantize_multiplier
 
 CONTEXT = "TFLite export"
 SUPPORTED = {
-    "quantize", "conv2d", "dense", "add", "mul", "avgpool", "maxpool", "requantize",
-    "concat", "pad", "reshape", "transpose", "clamp", "lut",
+    "quantize",
+    "conv2d",
+    "dense",
+    "add",
+    "mul",
+    "avgpool",
+    "maxpool",
+    "requantize",
+    "concat",
+    "pad",
+    "reshape",
+    "transpose",
+    "clamp",
+    "lut",
 }
 
 # TensorType values of the schema
 T_FLOAT32, T_INT32, T_UINT8, T_INT64, T_INT8 = 0, 2, 3, 4, 9
-_NP_TYPE = {np.dtype(np.float32): T_FLOAT32, np.dtype(np.int32): T_INT32, np.dtype(np.uint8): T_UINT8,
-            np.dtype(np.int64): T_INT64, np.dtype(np.int8): T_INT8}
+_NP_TYPE = {
+    np.dtype(np.float32): T_FLOAT32,
+    np.dtype(np.int32): T_INT32,
+    np.dtype(np.uint8): T_UINT8,
+    np.dtype(np.int64): T_INT64,
+    np.dtype(np.int8): T_INT8,
+}
 
 
 class ExportError(EdgekitError):
@@ -60,6 +77,7 @@ def _version() -> str:
 # TFLite's Prepare-time derivations (what the interpreter will compute from our scales)
 # ---------------------------------------------------------------------------------------
 
+
 def tfl_conv_multiplier(in_s: float, w_s: float, out_s: float) -> tuple[int, int]:
     """Per-channel CONV_2D/DEPTHWISE/FULLY_CONNECTED (PopulateConvolutionQuantizationParams):
     double(in) * double(w) / double(out), each a float32 scale."""
@@ -73,8 +91,15 @@ def tfl_add_params(sa: float, sb: float, so: float, left_shift: int = 20) -> dic
     m1, s1 = quantize_multiplier(sa / twice_max)
     m2, s2 = quantize_multiplier(sb / twice_max)
     mo, sh = quantize_multiplier(twice_max / ((1 << left_shift) * so))
-    return {"left_shift": left_shift, "multiplier_a": m1, "shift_a": s1, "multiplier_b": m2, "shift_b": s2,
-            "multiplier": mo, "shift": sh}
+    return {
+        "left_shift": left_shift,
+        "multiplier_a": m1,
+        "shift_a": s1,
+        "multiplier_b": m2,
+        "shift_b": s2,
+        "multiplier": mo,
+        "shift": sh,
+    }
 
 
 def tfl_mul_multiplier(sa: float, sb: float, so: float) -> tuple[int, int]:
@@ -117,6 +142,7 @@ def solve_weight_scale(m: int, shift: int, in_s: float, out_s: float, hint: floa
 # The flatbuffer model being assembled
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class _Tensor:
     name: str
@@ -146,8 +172,18 @@ class _Graph:
     buffers: list[bytes] = field(default_factory=lambda: [b""])
     ops: list[_Op] = field(default_factory=list)
 
-    def add(self, name: str, shape: list[int], dtype: Any, *, data: np.ndarray | None = None,
-            scale: Any = None, zero_point: Any = None, qdim: int = 0, signature: list[int] | None = None) -> int:
+    def add(
+        self,
+        name: str,
+        shape: list[int],
+        dtype: Any,
+        *,
+        data: np.ndarray | None = None,
+        scale: Any = None,
+        zero_point: Any = None,
+        qdim: int = 0,
+        signature: list[int] | None = None,
+    ) -> int:
         base, k = name, 1
         while name in self.index:
             name = f"{base}_{k}"
@@ -158,8 +194,9 @@ class _Graph:
             buf = len(self.buffers) - 1
         sc = None if scale is None else [float(v) for v in np.atleast_1d(np.asarray(scale, dtype=np.float32))]
         zp = None if zero_point is None else [int(v) for v in np.atleast_1d(zero_point)]
-        self.tensors.append(_Tensor(name, [int(d) for d in shape], signature, _NP_TYPE[np.dtype(dtype)], buf,
-                                    sc, zp, qdim))
+        self.tensors.append(
+            _Tensor(name, [int(d) for d in shape], signature, _NP_TYPE[np.dtype(dtype)], buf, sc, zp, qdim)
+        )
         self.index[name] = len(self.tensors) - 1
         return self.index[name]
 
@@ -187,8 +224,14 @@ def _table(b: flatbuffers.Builder, mod_name: str, fields: dict[str, Any]) -> int
     return getattr(mod, f"{mod_name}End")(b)
 
 
-def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[str, bytes],
-               description: str, sig_names: tuple[list[str], list[str]] | None = None) -> bytes:
+def _serialize(
+    g: _Graph,
+    inputs: list[int],
+    outputs: list[int],
+    metadata: dict[str, bytes],
+    description: str,
+    sig_names: tuple[list[str], list[str]] | None = None,
+) -> bytes:
     from tflite.BuiltinOptions import BuiltinOptions
 
     b = flatbuffers.Builder(1024)
@@ -250,8 +293,18 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
         return b.EndVector()
 
     sg_name = b.CreateString("main")
-    sg = _table(b, "SubGraph", {"Tensors": vec_of(t_offs), "Inputs": _vec_i32(b, inputs),
-                                "Outputs": _vec_i32(b, outputs), "Operators": vec_of(op_offs), "Name": sg_name})
+    sg = _table(
+        b,
+        "SubGraph",
+        {
+            "Tensors": vec_of(t_offs),
+            "Inputs": _vec_i32(b, inputs),
+            "Outputs": _vec_i32(b, outputs),
+            "Operators": vec_of(op_offs),
+            "Name": sg_name,
+        },
+    )
+
     # signature: names as the QuantModel has them
     def tmaps(idx: list[int], names: list[str] | None) -> int:
         offs = []
@@ -269,10 +322,19 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
         nm = b.CreateString(k)
         meta_offs.append(_table(b, "Metadata", {"Name": nm, "Buffer": i}))
     desc = b.CreateString(description)
-    model = _table(b, "Model", {
-        "Version": 3, "OperatorCodes": vec_of(code_offs), "Subgraphs": vec_of([sg]), "Description": desc,
-        "Buffers": vec_of(buf_offs), "Metadata": vec_of(meta_offs), "SignatureDefs": vec_of([sig]),
-    })
+    model = _table(
+        b,
+        "Model",
+        {
+            "Version": 3,
+            "OperatorCodes": vec_of(code_offs),
+            "Subgraphs": vec_of([sg]),
+            "Description": desc,
+            "Buffers": vec_of(buf_offs),
+            "Metadata": vec_of(meta_offs),
+            "SignatureDefs": vec_of([sig]),
+        },
+    )
     b.Finish(model, file_identifier=b"TFL3")
     return bytes(b.Output())
 
@@ -285,9 +347,29 @@ def _serialize(g: _Graph, inputs: list[int], outputs: list[int], metadata: dict[
 ADD, AVERAGE_POOL_2D, CONCATENATION, CONV_2D, DEPTHWISE_CONV_2D, DEQUANTIZE = 0, 1, 2, 3, 4, 6
 FULLY_CONNECTED, LOGISTIC, MAX_POOL_2D, MUL, RESHAPE, SOFTMAX = 9, 14, 17, 18, 22, 25
 PAD, GATHER, TRANSPOSE, CAST, MAXIMUM, MINIMUM, PADV2, QUANTIZE, HARD_SWISH = 34, 36, 39, 53, 55, 57, 60, 114, 117
-VERSIONS = {ADD: 2, AVERAGE_POOL_2D: 2, CONCATENATION: 2, CONV_2D: 3, DEPTHWISE_CONV_2D: 3, DEQUANTIZE: 2,
-            FULLY_CONNECTED: 4, MAX_POOL_2D: 2, MUL: 2, RESHAPE: 1, SOFTMAX: 2, PAD: 2, GATHER: 2,
-            TRANSPOSE: 2, CAST: 1, MAXIMUM: 2, MINIMUM: 2, QUANTIZE: 2, LOGISTIC: 2, HARD_SWISH: 1, PADV2: 2}
+VERSIONS = {
+    ADD: 2,
+    AVERAGE_POOL_2D: 2,
+    CONCATENATION: 2,
+    CONV_2D: 3,
+    DEPTHWISE_CONV_2D: 3,
+    DEQUANTIZE: 2,
+    FULLY_CONNECTED: 4,
+    MAX_POOL_2D: 2,
+    MUL: 2,
+    RESHAPE: 1,
+    SOFTMAX: 2,
+    PAD: 2,
+    GATHER: 2,
+    TRANSPOSE: 2,
+    CAST: 1,
+    MAXIMUM: 2,
+    MINIMUM: 2,
+    QUANTIZE: 2,
+    LOGISTIC: 2,
+    HARD_SWISH: 1,
+    PADV2: 2,
+}
 NATIVE_LUTS = {"sigmoid": LOGISTIC, "hardswish": HARD_SWISH, "hard_swish": HARD_SWISH}
 _PROBES: dict[tuple, bool] = {}
 
@@ -308,6 +390,8 @@ def native_lut_is_exact(code: int, in_q: tuple[float, int], out_q: tuple[float, 
         except Exception:  # noqa: BLE001 - a kernel that refuses these qparams is simply not used
             _PROBES[key] = False
     return _PROBES[key]
+
+
 ACT_NONE, ACT_RELU, ACT_RELU6 = 0, 1, 3
 PAD_SAME, PAD_VALID = 0, 1
 
@@ -326,13 +410,16 @@ def _same_pads(in_hw: tuple[int, int], kernel: tuple[int, int], strides, dilatio
 def _weight_scales(node: QNode, mult: np.ndarray, shift: np.ndarray, in_s: float, out_s: float) -> np.ndarray:
     hints = node.attrs.get("weight_scale")
     hints = [None] * len(mult) if hints is None else list(np.broadcast_to(np.asarray(hints, np.float64), (len(mult),)))
-    return np.array([solve_weight_scale(int(m), int(s), in_s, out_s, h)
-                     for m, s, h in zip(mult, shift, hints, strict=True)], dtype=np.float32)
+    return np.array(
+        [solve_weight_scale(int(m), int(s), in_s, out_s, h) for m, s, h in zip(mult, shift, hints, strict=True)],
+        dtype=np.float32,
+    )
 
 
 class _Exporter:
-    def __init__(self, qm: QuantModel, *, batch: int | None, float_input: bool, float_outputs: bool,
-                 native_luts: bool = True):
+    def __init__(
+        self, qm: QuantModel, *, batch: int | None, float_input: bool, float_outputs: bool, native_luts: bool = True
+    ):
         self.qm = qm
         self.native_luts = native_luts
         self.batch = batch
@@ -356,8 +443,9 @@ class _Exporter:
         info = self.qm.tensors[name]
         static, sig = self._shape(name, shape)
         self.shapes[name] = tuple(static)
-        return self.g.add(name, static, np.int8, scale=np.float32(info.scale), zero_point=int(info.zero_point),
-                          signature=sig)
+        return self.g.add(
+            name, static, np.int8, scale=np.float32(info.scale), zero_point=int(info.zero_point), signature=sig
+        )
 
     def tmp(self, base: str, shape: tuple[int, ...], scale: float, zp: int, dtype: Any = np.int8) -> int:
         static, sig = self._shape(base.split(":")[0], shape)
@@ -458,10 +546,14 @@ class _Exporter:
                 t = f
             sub_outputs.append(t)
         meta = self._metadata(shapes)
-        data = _serialize(self.g, sub_inputs, sub_outputs,
-                          {"edgekit": json.dumps(meta, sort_keys=True).encode(), "min_runtime_version": b"2.3.0"},
-                          f"edgekit {_version()}: {qm.name}",
-                          sig_names=(list(qm.inputs), [o.name for o in qm.outputs]))
+        data = _serialize(
+            self.g,
+            sub_inputs,
+            sub_outputs,
+            {"edgekit": json.dumps(meta, sort_keys=True).encode(), "min_runtime_version": b"2.3.0"},
+            f"edgekit {_version()}: {qm.name}",
+            sig_names=(list(qm.inputs), [o.name for o in qm.outputs]),
+        )
         return data, meta
 
     def _metadata(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -472,11 +564,25 @@ class _Exporter:
             "edgekit_version": _version(),
             "model": qm.name,
             "content_hash": qm.content_hash(),
-            "inputs": [{"signature_name": n, "tensor": (n if self.float_input else self.g.tensors[self.g.index[
-                next(x for x in qm.nodes if x.op == 'quantize' and x.inputs[0] == n).outputs[0]]].name),
-                        "dtype": "float32" if self.float_input else "int8"} for n in qm.inputs],
-            "outputs": [{"name": o.name, "epilogue": o.epilogue, "in_graph": bool(self.float_outputs)}
-                        for o in qm.outputs],
+            "inputs": [
+                {
+                    "signature_name": n,
+                    "tensor": (
+                        n
+                        if self.float_input
+                        else self.g.tensors[
+                            self.g.index[
+                                next(x for x in qm.nodes if x.op == "quantize" and x.inputs[0] == n).outputs[0]
+                            ]
+                        ].name
+                    ),
+                    "dtype": "float32" if self.float_input else "int8",
+                }
+                for n in qm.inputs
+            ],
+            "outputs": [
+                {"name": o.name, "epilogue": o.epilogue, "in_graph": bool(self.float_outputs)} for o in qm.outputs
+            ],
             "weight_bits": bits,
         }
 
@@ -518,15 +624,38 @@ class _Exporter:
         t_out, act, extra = self.out_or_pre(node, shapes[out])
         if groups == 1:
             wt = self.g.const(node.params["weight"], w, scale=w_s, zero_point=np.zeros(o, np.int64), qdim=0)
-            code, opts = CONV_2D, ("Conv2DOptions", {
-                "Padding": padding, "StrideW": strides[1], "StrideH": strides[0], "FusedActivationFunction": act,
-                "DilationWFactor": dil[1], "DilationHFactor": dil[0]})
+            code, opts = (
+                CONV_2D,
+                (
+                    "Conv2DOptions",
+                    {
+                        "Padding": padding,
+                        "StrideW": strides[1],
+                        "StrideH": strides[0],
+                        "FusedActivationFunction": act,
+                        "DilationWFactor": dil[1],
+                        "DilationHFactor": dil[0],
+                    },
+                ),
+            )
         elif ipg == 1 and groups == c:
             wd = np.ascontiguousarray(w.transpose(3, 1, 2, 0))  # [1, KH, KW, O]
             wt = self.g.const(node.params["weight"], wd, scale=w_s, zero_point=np.zeros(o, np.int64), qdim=3)
-            code, opts = DEPTHWISE_CONV_2D, ("DepthwiseConv2DOptions", {
-                "Padding": padding, "StrideW": strides[1], "StrideH": strides[0], "DepthMultiplier": o // c,
-                "FusedActivationFunction": act, "DilationWFactor": dil[1], "DilationHFactor": dil[0]})
+            code, opts = (
+                DEPTHWISE_CONV_2D,
+                (
+                    "DepthwiseConv2DOptions",
+                    {
+                        "Padding": padding,
+                        "StrideW": strides[1],
+                        "StrideH": strides[0],
+                        "DepthMultiplier": o // c,
+                        "FusedActivationFunction": act,
+                        "DilationWFactor": dil[1],
+                        "DilationHFactor": dil[0],
+                    },
+                ),
+            )
         else:
             raise UnsupportedOpsError([(f"conv2d(groups={groups})", node.name)], context=CONTEXT)
         bt = self.g.const(node.params["bias"], bias, scale=b_s, zero_point=np.zeros(o, np.int64), qdim=0)
@@ -544,8 +673,9 @@ class _Exporter:
         if pads == _same_pads(in_shape[1:3], kernel, strides, dil):
             return PAD_SAME
         if node.op == "avgpool":
-            raise UnsupportedOpsError([(f"avgpool(pads={pads}, not SAME: TFLite cannot exclude them)", node.name)],
-                                      context=CONTEXT)
+            raise UnsupportedOpsError(
+                [(f"avgpool(pads={pads}, not SAME: TFLite cannot exclude them)", node.name)], context=CONTEXT
+            )
         top, left, bottom, right = pads
         shp = (in_shape[0], in_shape[1] + top + bottom, in_shape[2] + left + right, in_shape[3])
         pt = self.g.const(f"{node.name}/paddings", np.array([[0, 0], [top, bottom], [left, right], [0, 0]], np.int32))
@@ -553,8 +683,9 @@ class _Exporter:
         if fill is None:
             self.op(PAD, [t_in, pt], [padded])
         else:
-            cv = self.g.const(f"{node.name}/pad_value", np.array([fill], np.int8), scale=self.scale(x),
-                              zero_point=self.zp(x))
+            cv = self.g.const(
+                f"{node.name}/pad_value", np.array([fill], np.int8), scale=self.scale(x), zero_point=self.zp(x)
+            )
             self.op(PADV2, [t_in, pt, cv], [padded])
         return padded, PAD_VALID
 
@@ -575,8 +706,12 @@ class _Exporter:
         t_out, act, extra = self.out_or_pre(node, shapes[out])
         wt = self.g.const(node.params["weight"], w, scale=w_s, zero_point=np.zeros(o, np.int64), qdim=0)
         bt = self.g.const(node.params["bias"], bias, scale=b_s, zero_point=np.zeros(o, np.int64), qdim=0)
-        self.op(FULLY_CONNECTED, [t_in, wt, bt], [t_out],
-                ("FullyConnectedOptions", {"FusedActivationFunction": act, "KeepNumDims": False}))
+        self.op(
+            FULLY_CONNECTED,
+            [t_in, wt, bt],
+            [t_out],
+            ("FullyConnectedOptions", {"FusedActivationFunction": act, "KeepNumDims": False}),
+        )
         self.finish_clamp(node, t_out, extra, shapes[out])
 
     def op_add(self, node: QNode, shapes) -> None:
@@ -593,15 +728,23 @@ class _Exporter:
     def _operand(self, name: str, shapes) -> int:
         if name in self.qm.constants and name not in self.g.index:
             arr = np.asarray(self.qm.constants[name]).astype(np.int8)
-            return self.g.const(name, arr, scale=np.float32(self.qm.tensors[name].scale),
-                                zero_point=int(self.qm.tensors[name].zero_point))
+            return self.g.const(
+                name,
+                arr,
+                scale=np.float32(self.qm.tensors[name].scale),
+                zero_point=int(self.qm.tensors[name].zero_point),
+            )
         return self.act(name, shapes[name])
 
     def op_mul(self, node: QNode, shapes) -> None:
         a, b_ = node.inputs
         out = node.outputs[0]
-        self.check(node, "(multiplier, shift)", tfl_mul_multiplier(self.scale(a), self.scale(b_), self.scale(out)),
-                   (node.attrs["multiplier"], node.attrs["shift"]))
+        self.check(
+            node,
+            "(multiplier, shift)",
+            tfl_mul_multiplier(self.scale(a), self.scale(b_), self.scale(out)),
+            (node.attrs["multiplier"], node.attrs["shift"]),
+        )
         ta, tb = self._operand(a, shapes), self._operand(b_, shapes)
         t_out, act, extra = self.out_or_pre(node, shapes[out])
         self.op(MUL, [ta, tb], [t_out], ("MulOptions", {"FusedActivationFunction": act}))
@@ -611,19 +754,35 @@ class _Exporter:
         a = node.attrs
         x, out = node.inputs[0], node.outputs[0]
         if (self.scale(x), self.zp(x)) != (self.scale(out), self.zp(out)):
-            raise ExportError(f"{CONTEXT}: node {node.name!r} ({node.op}) changes quantization; TFLite pools need "
-                              "the same scale and zero point in and out")
+            raise ExportError(
+                f"{CONTEXT}: node {node.name!r} ({node.op}) changes quantization; TFLite pools need "
+                "the same scale and zero point in and out"
+            )
         kernel, strides = list(a["kernel"]), list(a.get("strides", a["kernel"]))
         pads = list(a.get("pads", [0, 0, 0, 0]))
         t_in = self.act(x, shapes[x])
-        padding = self._padding(node, t_in, x, shapes[x], kernel, strides, (1, 1), pads,
-                                fill=-128 if code == MAX_POOL_2D else None)
+        padding = self._padding(
+            node, t_in, x, shapes[x], kernel, strides, (1, 1), pads, fill=-128 if code == MAX_POOL_2D else None
+        )
         if isinstance(padding, tuple):
             t_in, padding = padding
         t_out, act, extra = self.out_or_pre(node, shapes[out])
-        self.op(code, [t_in], [t_out], ("Pool2DOptions", {
-            "Padding": padding, "StrideW": strides[1], "StrideH": strides[0], "FilterWidth": kernel[1],
-            "FilterHeight": kernel[0], "FusedActivationFunction": act}))
+        self.op(
+            code,
+            [t_in],
+            [t_out],
+            (
+                "Pool2DOptions",
+                {
+                    "Padding": padding,
+                    "StrideW": strides[1],
+                    "StrideH": strides[0],
+                    "FilterWidth": kernel[1],
+                    "FilterHeight": kernel[0],
+                    "FusedActivationFunction": act,
+                },
+            ),
+        )
         self.finish_clamp(node, t_out, extra, shapes[out])
 
     def op_avgpool(self, node: QNode, shapes) -> None:
@@ -633,8 +792,9 @@ class _Exporter:
         self._pool(node, shapes, MAX_POOL_2D)
 
     def _requant(self, node: QNode, src: str, t_src: int, dst_t: int, m: int, s: int) -> None:
-        self.check(node, f"rescale of {src!r}", tfl_requant_multiplier(self.scale(src), self.scale(node.outputs[0])),
-                   (m, s))
+        self.check(
+            node, f"rescale of {src!r}", tfl_requant_multiplier(self.scale(src), self.scale(node.outputs[0])), (m, s)
+        )
         self.op(QUANTIZE, [t_src], [dst_t])
 
     def op_requantize(self, node: QNode, shapes) -> None:
@@ -656,16 +816,22 @@ class _Exporter:
             t = self.act(name, shapes[name])
             if m is None:
                 if (self.scale(name), self.zp(name)) != (self.scale(out), self.zp(out)):
-                    raise ExportError(f"{CONTEXT}: node {node.name!r}: input {name!r} is copied but its "
-                                      "quantization differs from the output's")
+                    raise ExportError(
+                        f"{CONTEXT}: node {node.name!r}: input {name!r} is copied but its "
+                        "quantization differs from the output's"
+                    )
             else:
                 r = self.tmp(f"{out}/{name}/rescaled", shapes[name], self.scale(out), self.zp(out))
                 self._requant(node, name, t, r, int(m), int(s))
                 t = r
             parts.append(t)
         axis = int(a["axis"])
-        self.op(CONCATENATION, parts, [self.act(out, shapes[out])],
-                ("ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": ACT_NONE}))
+        self.op(
+            CONCATENATION,
+            parts,
+            [self.act(out, shapes[out])],
+            ("ConcatenationOptions", {"Axis": axis, "FusedActivationFunction": ACT_NONE}),
+        )
 
     def op_pad(self, node: QNode, shapes) -> None:
         x, out = node.inputs[0], node.outputs[0]
@@ -681,8 +847,12 @@ class _Exporter:
         if self.batch is not None or not self.dynamic_batch:
             new = list(shapes[out])
         st = self.g.const(f"{node.name}/shape", np.asarray(new, np.int32))
-        self.op(RESHAPE, [self.act(x, shapes[x]), st], [self.act(out, shapes[out])],
-                ("ReshapeOptions", {"NewShape": _vec_i32_deferred(new)}))
+        self.op(
+            RESHAPE,
+            [self.act(x, shapes[x]), st],
+            [self.act(out, shapes[out])],
+            ("ReshapeOptions", {"NewShape": _vec_i32_deferred(new)}),
+        )
 
     def op_transpose(self, node: QNode, shapes) -> None:
         x, out = node.inputs[0], node.outputs[0]
@@ -702,8 +872,11 @@ class _Exporter:
         shp = shapes[x]
         t_in = self.act(x, shp)
         code = NATIVE_LUTS.get(str(node.attrs.get("function", "")).lower())
-        if self.native_luts and code is not None and native_lut_is_exact(
-                code, (self.scale(x), self.zp(x)), (self.scale(out), self.zp(out)), table):
+        if (
+            self.native_luts
+            and code is not None
+            and native_lut_is_exact(code, (self.scale(x), self.zp(x)), (self.scale(out), self.zp(out)), table)
+        ):
             self.op(code, [t_in], [self.act(out, shapes[out])])
             return
         idx32 = self.tmp(f"{node.name}/index_raw", shp, None, 0, np.int32)
@@ -719,16 +892,24 @@ class _Exporter:
 # public API
 # ---------------------------------------------------------------------------------------
 
-def to_tflite_bytes(qm: QuantModel, *, batch: int | None = None, float_input: bool = False,
-                    float_outputs: bool = False, native_luts: bool = True) -> tuple[bytes, dict[str, Any]]:
+
+def to_tflite_bytes(
+    qm: QuantModel,
+    *,
+    batch: int | None = None,
+    float_input: bool = False,
+    float_outputs: bool = False,
+    native_luts: bool = True,
+) -> tuple[bytes, dict[str, Any]]:
     """The .tflite flatbuffer of ``qm`` and the metadata embedded in it.
 
     ``batch=None`` keeps the batch axis dynamic (shape 1, signature -1); ``batch=1`` fixes it
     (what microcontroller runtimes and Vela want). ``native_luts`` maps sigmoid/hardswish tables
     to LOGISTIC/HARD_SWISH when LiteRT's kernel is measured to match them exactly.
     """
-    return _Exporter(qm, batch=batch, float_input=float_input, float_outputs=float_outputs,
-                     native_luts=native_luts).run()
+    return _Exporter(
+        qm, batch=batch, float_input=float_input, float_outputs=float_outputs, native_luts=native_luts
+    ).run()
 
 
 def export_tflite(qm: QuantModel, out: str | Path, **options: Any) -> dict[str, Any]:
@@ -783,8 +964,9 @@ def make_interpreter(model: bytes | str | Path, *, xnnpack: bool = False, num_th
         kw["model_content"] = bytes(model)
     else:
         kw["model_path"] = str(model)
-    kw["experimental_op_resolver_type"] = (OpResolverType.AUTO if xnnpack
-                                           else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    kw["experimental_op_resolver_type"] = (
+        OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
     return Interpreter(**kw)
 
 
@@ -819,5 +1001,14 @@ def quantize_input(qm: QuantModel, x: np.ndarray) -> np.ndarray:
     return OPS["quantize"](qm, node, {node.inputs[0]: np.asarray(x, dtype=np.float32)})
 
 
-__all__ = ["export_tflite", "to_tflite_bytes", "run_tflite", "make_interpreter", "read_metadata",
-           "summarize_ops", "quantize_input", "solve_weight_scale", "ExportError"]
+__all__ = [
+    "export_tflite",
+    "to_tflite_bytes",
+    "run_tflite",
+    "make_interpreter",
+    "read_metadata",
+    "summarize_ops",
+    "quantize_input",
+    "solve_weight_scale",
+    "ExportError",
+]

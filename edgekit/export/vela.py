@@ -22,8 +22,17 @@ from typing import Any
 from edgekit.errors import EdgekitError
 
 TARGETS = [
-    "ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
-    "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048",
+    "ethos-u55-32",
+    "ethos-u55-64",
+    "ethos-u55-128",
+    "ethos-u55-256",
+    "ethos-u65-256",
+    "ethos-u65-512",
+    "ethos-u85-128",
+    "ethos-u85-256",
+    "ethos-u85-512",
+    "ethos-u85-1024",
+    "ethos-u85-2048",
 ]
 # (system config, memory mode) from Vela's Arm/vela.ini that fit each NPU family
 DEFAULT_SYSTEM = {
@@ -87,14 +96,22 @@ class VelaEstimate:
     def verdict(self) -> str:
         """One line a person can act on."""
         if self.all_on_cpu:
-            return (f"NOTHING runs on the {self.target} NPU: all {len(self.cpu_ops)} operators fall back to the CPU "
-                    f"({', '.join(sorted({o.op_type for o in self.cpu_ops}))})")
-        cpu = f"; {len(self.cpu_ops)} op(s) fall back to the CPU: " + ", ".join(
-            f"{o.op_type} {o.name!r}" for o in self.cpu_ops) if self.cpu_ops else "; every operator runs on the NPU"
-        return (f"{self.target} @ {self.core_clock_hz / 1e6:.0f} MHz: {self.cycles_total} cycles, "
-                f"{self.inference_time_ms:.3f} ms/inference, SRAM {self.sram_used_bytes / 1024:.1f} KiB, "
-                f"DRAM {self.dram_used_bytes / 1024:.1f} KiB, "
-                f"flash {(self.off_chip_flash_used_bytes + self.on_chip_flash_used_bytes) / 1024:.1f} KiB{cpu}")
+            return (
+                f"NOTHING runs on the {self.target} NPU: all {len(self.cpu_ops)} operators fall back to the CPU "
+                f"({', '.join(sorted({o.op_type for o in self.cpu_ops}))})"
+            )
+        cpu = (
+            f"; {len(self.cpu_ops)} op(s) fall back to the CPU: "
+            + ", ".join(f"{o.op_type} {o.name!r}" for o in self.cpu_ops)
+            if self.cpu_ops
+            else "; every operator runs on the NPU"
+        )
+        return (
+            f"{self.target} @ {self.core_clock_hz / 1e6:.0f} MHz: {self.cycles_total} cycles, "
+            f"{self.inference_time_ms:.3f} ms/inference, SRAM {self.sram_used_bytes / 1024:.1f} KiB, "
+            f"DRAM {self.dram_used_bytes / 1024:.1f} KiB, "
+            f"flash {(self.off_chip_flash_used_bytes + self.on_chip_flash_used_bytes) / 1024:.1f} KiB{cpu}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -112,8 +129,9 @@ def _vela_cmd() -> list[str]:
     try:
         import ethosu.vela  # noqa: F401
     except ImportError as exc:
-        raise VelaError("Vela is not installed: `pip install ethos-u-vela==5.2.0` (or `pip install edgekit[vela]`)") \
-            from exc
+        raise VelaError(
+            "Vela is not installed: `pip install ethos-u-vela==5.2.0` (or `pip install edgekit[vela]`)"
+        ) from exc
     return [sys.executable, "-m", "ethosu.vela.vela"]
 
 
@@ -194,9 +212,17 @@ def _int(d: dict[str, str], k: str) -> int:
         return 0
 
 
-def compile_for_ethos_u(model: str | Path | bytes, target: str = "ethos-u55-128", *, out_dir: str | Path | None = None,
-                        system_config: str | None = None, memory_mode: str | None = None,
-                        config: str | None = None, optimise: str = "Performance", timeout: float = 600) -> VelaEstimate:
+def compile_for_ethos_u(
+    model: str | Path | bytes,
+    target: str = "ethos-u55-128",
+    *,
+    out_dir: str | Path | None = None,
+    system_config: str | None = None,
+    memory_mode: str | None = None,
+    config: str | None = None,
+    optimise: str = "Performance",
+    timeout: float = 600,
+) -> VelaEstimate:
     """Run Vela on a .tflite (path or bytes) and return its parsed estimate.
 
     The compiled model (``*_vela.tflite``) is written to ``out_dir`` (a temporary folder if
@@ -223,9 +249,20 @@ def compile_for_ethos_u(model: str | Path | bytes, target: str = "ethos-u55-128"
             if not src.exists():
                 raise VelaError(f"{src}: no such model file")
         cmd = _vela_cmd() + [
-            str(src), "--accelerator-config", target, "--config", config or "Arm/vela.ini",
-            "--system-config", system_config, "--memory-mode", memory_mode, "--optimise", optimise,
-            "--output-dir", str(out_dir), "--show-cpu-operations",
+            str(src),
+            "--accelerator-config",
+            target,
+            "--config",
+            config or "Arm/vela.ini",
+            "--system-config",
+            system_config,
+            "--memory-mode",
+            memory_mode,
+            "--optimise",
+            optimise,
+            "--output-dir",
+            str(out_dir),
+            "--show-cpu-operations",
         ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -296,5 +333,10 @@ def export_vela(qm: Any, out: str | Path, target: str = "ethos-u55-128", **optio
     if est.compiled_model and out.suffix == ".tflite" and Path(est.compiled_model) != out:
         Path(est.compiled_model).replace(out)
         est.compiled_model = str(out)
-    return {"format": "tflite+vela", "path": est.compiled_model, "tflite": summary["path"],
-            "target": target, "vela": est.to_json()}
+    return {
+        "format": "tflite+vela",
+        "path": est.compiled_model,
+        "tflite": summary["path"],
+        "target": target,
+        "vela": est.to_json(),
+    }

@@ -18,8 +18,17 @@ from edgekit.qmodel import QuantModel
 
 DEFAULT_METHOD = "hessian"
 
-__all__ = ["export_mixed", "plan_mixed", "allocate", "residual_ties", "LayerCost", "Allocation",
-           "AllocationError", "METHODS", "DEFAULT_METHOD"]
+__all__ = [
+    "export_mixed",
+    "plan_mixed",
+    "allocate",
+    "residual_ties",
+    "LayerCost",
+    "Allocation",
+    "AllocationError",
+    "METHODS",
+    "DEFAULT_METHOD",
+]
 
 
 def _load_graph(model_path: str | Path):
@@ -46,8 +55,9 @@ def _say(args: argparse.Namespace):
     return say
 
 
-def export_mixed(model_path: str | Path, calib_x: np.ndarray,
-                 args: argparse.Namespace) -> tuple[QuantModel, dict[str, Any]]:
+def export_mixed(
+    model_path: str | Path, calib_x: np.ndarray, args: argparse.Namespace
+) -> tuple[QuantModel, dict[str, Any]]:
     """Quantize with per-layer 4/8-bit weights chosen by the ILP under the budgets in ``args``
     (max_size / max_bops: fractions of int8; max_latency_ms with device or the host's kernels)."""
     from edgekit.quant.calibrate import collect
@@ -60,8 +70,10 @@ def export_mixed(model_path: str | Path, calib_x: np.ndarray,
     max_size, max_bops = getattr(args, "max_size", None), getattr(args, "max_bops", None)
     max_lat, device = getattr(args, "max_latency_ms", None), getattr(args, "device", None)
     if max_size is None and max_bops is None and max_lat is None:
-        raise EdgekitError("--weight-bits mixed needs a budget: --max-size 0.65 (fraction of the int8 weight bytes), "
-                           "--max-bops FRACTION, or --max-latency-ms MS [--device URL]")
+        raise EdgekitError(
+            "--weight-bits mixed needs a budget: --max-size 0.65 (fraction of the int8 weight bytes), "
+            "--max-bops FRACTION, or --max-latency-ms MS [--device URL]"
+        )
     if device and max_lat is None:
         raise EdgekitError("--device is used to measure latency: give --max-latency-ms too")
     say("calibrating")
@@ -79,9 +91,18 @@ def export_mixed(model_path: str | Path, calib_x: np.ndarray,
         overhead = model_overhead(graph, stats, latency, target=target, device=device)
         lat_info["overhead_ms"] = overhead
     say(f"{method} sensitivity")
-    qm, report = plan_mixed(graph, calib_x, max_size=max_size, max_bops=max_bops, max_latency_ms=max_lat,
-                            latency=latency, latency_overhead_ms=overhead, method=method, observer=observer,
-                            stats=stats)
+    qm, report = plan_mixed(
+        graph,
+        calib_x,
+        max_size=max_size,
+        max_bops=max_bops,
+        max_latency_ms=max_lat,
+        latency=latency,
+        latency_overhead_ms=overhead,
+        method=method,
+        observer=observer,
+        stats=stats,
+    )
     mixed = report["mixed"]
     mixed["timings_s"]["calibrate_s"] = round(t_cal, 3)
     if latency is not None:

@@ -21,9 +21,18 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     stats = collect(graph, calib, observer=args.observer, progress=not args.json)
     sens = sensitivity(graph, calib, stats, args.method)
     macs = layer_macs(graph)
-    rows = [{"layer": n.name, "op": n.op, "params": int(n.attrs["weight"].size), "macs": macs[n.name],
-             "sensitivity_4": sens.values[n.name][4], "sensitivity_8": sens.values[n.name][8]}
-            for n in graph.nodes if n.name in sens.values]
+    rows = [
+        {
+            "layer": n.name,
+            "op": n.op,
+            "params": int(n.attrs["weight"].size),
+            "macs": macs[n.name],
+            "sensitivity_4": sens.values[n.name][4],
+            "sensitivity_8": sens.values[n.name][8],
+        }
+        for n in graph.nodes
+        if n.name in sens.values
+    ]
     if args.json:
         print(json.dumps({"method": sens.method, "seconds": round(sens.seconds, 2), "layers": rows}, indent=1))
         return 0
@@ -34,8 +43,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     for col in ("layer", "op", "params", "MACs", "4-bit", "8-bit"):
         t.add_column(col)
     for r in sorted(rows, key=lambda r: r["sensitivity_4"]):
-        t.add_row(r["layer"][-48:], r["op"], str(r["params"]), str(r["macs"]), f"{r['sensitivity_4']:.4g}",
-                  f"{r['sensitivity_8']:.3g}")
+        t.add_row(
+            r["layer"][-48:],
+            r["op"],
+            str(r["params"]),
+            str(r["macs"]),
+            f"{r['sensitivity_4']:.4g}",
+            f"{r['sensitivity_8']:.3g}",
+        )
     Console().print(t)
     return 0
 
@@ -51,7 +66,11 @@ def register(subparsers) -> None:
     s.set_defaults(func=cmd_sensitivity)
     export = subparsers.choices.get("export")
     if export is not None:
-        export.add_argument("--sensitivity", choices=list(METHODS), default=None,
-                            help="mixed: layer sensitivity (default hessian)")
-        export.add_argument("--latency-target", default=None,
-                            help="mixed: compile target for the per-layer latency table (default host)")
+        export.add_argument(
+            "--sensitivity", choices=list(METHODS), default=None, help="mixed: layer sensitivity (default hessian)"
+        )
+        export.add_argument(
+            "--latency-target",
+            default=None,
+            help="mixed: compile target for the per-layer latency table (default host)",
+        )

@@ -50,9 +50,16 @@ class Allocation:
     groups: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"bits": self.bits, "objective": self.objective, "size_bytes": self.size_bytes, "bops": self.bops,
-                "latency_ms": self.latency_ms, "solve_seconds": round(self.seconds, 4), "status": self.status,
-                "tied_groups": [g for g in self.groups if len(g) > 1]}
+        return {
+            "bits": self.bits,
+            "objective": self.objective,
+            "size_bytes": self.size_bytes,
+            "bops": self.bops,
+            "latency_ms": self.latency_ms,
+            "solve_seconds": round(self.seconds, 4),
+            "status": self.status,
+            "tied_groups": [g for g in self.groups if len(g) > 1],
+        }
 
 
 def residual_ties(graph: Graph) -> list[list[str]]:
@@ -84,8 +91,7 @@ def residual_ties(graph: Graph) -> list[list[str]]:
     for name in parent:
         groups.setdefault(find(name), []).append(name)
     order = {n.name: i for i, n in enumerate(graph.nodes)}
-    return sorted((sorted(g, key=order.__getitem__) for g in groups.values() if len(g) > 1),
-                  key=lambda g: order[g[0]])
+    return sorted((sorted(g, key=order.__getitem__) for g in groups.values() if len(g) > 1), key=lambda g: order[g[0]])
 
 
 def _groups(layers: list[LayerCost], ties: list[list[str]] | None) -> list[list[int]]:
@@ -104,9 +110,17 @@ def _groups(layers: list[LayerCost], ties: list[list[str]] | None) -> list[list[
     return groups
 
 
-def allocate(layers: list[LayerCost], *, bits: tuple[int, ...] = (4, 8), max_size_bytes: float | None = None,
-             max_bops: float | None = None, max_latency_ms: float | None = None, latency_overhead_ms: float = 0.0,
-             ties: list[list[str]] | None = None, time_limit: float = 30.0) -> Allocation:
+def allocate(
+    layers: list[LayerCost],
+    *,
+    bits: tuple[int, ...] = (4, 8),
+    max_size_bytes: float | None = None,
+    max_bops: float | None = None,
+    max_latency_ms: float | None = None,
+    latency_overhead_ms: float = 0.0,
+    ties: list[list[str]] | None = None,
+    time_limit: float = 30.0,
+) -> Allocation:
     """Solve the ILP; returns the chosen bits per layer with the achieved size, BOPs and latency."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -130,7 +144,7 @@ def allocate(layers: list[LayerCost], *, bits: tuple[int, ...] = (4, 8), max_siz
     rows, lo, hi = [], [], []
     for gi in range(len(groups)):  # exactly one width per group
         r = np.zeros(nvar)
-        r[gi * nb:(gi + 1) * nb] = 1
+        r[gi * nb : (gi + 1) * nb] = 1
         rows.append(r)
         lo.append(1)
         hi.append(1)
@@ -140,14 +154,24 @@ def allocate(layers: list[LayerCost], *, bits: tuple[int, ...] = (4, 8), max_siz
     if max_bops is not None:
         budgets.append(("bops", per_var(lambda layer, b: layer.bops(b)), max_bops))
     if max_latency_ms is not None:
-        budgets.append(("latency", per_var(lambda layer, b: layer.latency_ms[b]),  # type: ignore[index]
-                        max_latency_ms - latency_overhead_ms))
+        budgets.append(
+            (
+                "latency",
+                per_var(lambda layer, b: layer.latency_ms[b]),  # type: ignore[index]
+                max_latency_ms - latency_overhead_ms,
+            )
+        )
     for _, row, limit in budgets:
         rows.append(row)
         lo.append(-np.inf)
         hi.append(limit)
-    res = milp(cost, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(nvar),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit})
+    res = milp(
+        cost,
+        constraints=LinearConstraint(np.array(rows), lo, hi),
+        integrality=np.ones(nvar),
+        bounds=Bounds(0, 1),
+        options={"time_limit": time_limit},
+    )
     seconds = time.perf_counter() - t0
     if res.x is None:
         smallest = {name: float(row.reshape(len(groups), nb).min(axis=1).sum()) for name, row, _ in budgets}
@@ -170,6 +194,8 @@ def allocate(layers: list[LayerCost], *, bits: tuple[int, ...] = (4, 8), max_siz
         objective=float(sum(layer.sensitivity[chosen[layer.name]] for layer in layers)),
         size_bytes=float(sum(layer.size_bytes(chosen[layer.name]) for layer in layers)),
         bops=float(sum(layer.bops(chosen[layer.name]) for layer in layers)),
-        latency_ms=lat, seconds=seconds, status=str(res.message),
+        latency_ms=lat,
+        seconds=seconds,
+        status=str(res.message),
         groups=[[layers[i].name for i in g] for g in groups],
     )

@@ -54,16 +54,29 @@ def layer_signature(node: Node, in_shape: tuple[int, ...], bits: int) -> str:
     a = node.attrs
     geo = [a.get(k) for k in ("strides", "dilations", "pads", "groups")]
     act = a.get("activation")
-    return json.dumps([node.op, list(np.asarray(a["weight"]).shape), list(in_shape[1:]), geo,
-                       None if act is None else [float(act[0]), float(act[1])], bits])
+    return json.dumps(
+        [
+            node.op,
+            list(np.asarray(a["weight"]).shape),
+            list(in_shape[1:]),
+            geo,
+            None if act is None else [float(act[0]), float(act[1])],
+            bits,
+        ]
+    )
 
 
 def single_layer_graph(graph: Graph, node: Node, shapes: dict[str, tuple[int, ...]]) -> Graph:
     """A graph of just ``node``, reading its (intermediate) input as a graph input."""
     src = node.inputs[0]
-    return Graph(name=f"layer_{len(node.name)}", inputs=[src], outputs=[node.outputs[0]],
-                 nodes=[Node(node.op, node.name, [src], list(node.outputs), dict(node.attrs))],
-                 input_shapes={src: [None, *shapes[src][1:]]}, source=dict(graph.source))
+    return Graph(
+        name=f"layer_{len(node.name)}",
+        inputs=[src],
+        outputs=[node.outputs[0]],
+        nodes=[Node(node.op, node.name, [src], list(node.outputs), dict(node.attrs))],
+        input_shapes={src: [None, *shapes[src][1:]]},
+        source=dict(graph.source),
+    )
 
 
 def _time_host(qm: QuantModel, target: str, number: int, repeat: int) -> float:
@@ -78,8 +91,10 @@ def _time_host(qm: QuantModel, target: str, number: int, repeat: int) -> float:
 
     spec = get_target(target)
     if spec.arch != os.uname().machine:
-        raise LatencyError(f"target {target!r} ({spec.arch}) cannot be timed on this {os.uname().machine} host: "
-                           "give --device URL to measure on the device")
+        raise LatencyError(
+            f"target {target!r} ({spec.arch}) cannot be timed on this {os.uname().machine} host: "
+            "give --device URL to measure on the device"
+        )
     lowered = lower(qm, 1)
     with tempfile.TemporaryDirectory(prefix="edgekit-latency-") as td:
         so = Path(td) / "layer.so"
@@ -103,17 +118,25 @@ def _time_device(qm: QuantModel, target: str, device: str, runs: int) -> float:
     return float(rep["median_ms"])
 
 
-def measure(qm: QuantModel, target: str = "host", device: str | None = None, *, number: int = 20,
-            repeat: int = 5) -> float:
+def measure(
+    qm: QuantModel, target: str = "host", device: str | None = None, *, number: int = 20, repeat: int = 5
+) -> float:
     """Median latency (ms) of a QuantModel on ``target`` (this host) or on ``device``."""
     if device is None:
         return _time_host(qm, target, number, repeat)
     return _time_device(qm, target, device, number * repeat)
 
 
-def latency_table(graph: Graph, stats: dict[str, TensorStats], *, target: str = "host", device: str | None = None,
-                  bits: tuple[int, ...] = (4, 8), use_cache: bool = True,
-                  progress: Any = None) -> tuple[dict[str, dict[int, float]], dict[str, Any]]:
+def latency_table(
+    graph: Graph,
+    stats: dict[str, TensorStats],
+    *,
+    target: str = "host",
+    device: str | None = None,
+    bits: tuple[int, ...] = (4, 8),
+    use_cache: bool = True,
+    progress: Any = None,
+) -> tuple[dict[str, dict[int, float]], dict[str, Any]]:
     """{layer: {bits: ms}} for every conv/dense layer of ``graph``, plus facts about the run."""
     path = cache_dir() / f"{_key(target, device)}.json"
     cache: dict[str, float] = {}
@@ -140,8 +163,10 @@ def latency_table(graph: Graph, stats: dict[str, TensorStats], *, target: str = 
                 except LatencyError:
                     raise
                 except EdgekitError as exc:
-                    raise LatencyError(f"could not time layer {node.name!r} at {b} bits on {target}"
-                                       f"{'' if device is None else ' / ' + device}: {exc}") from exc
+                    raise LatencyError(
+                        f"could not time layer {node.name!r} at {b} bits on {target}"
+                        f"{'' if device is None else ' / ' + device}: {exc}"
+                    ) from exc
                 measured += 1
                 if progress:
                     progress(f"latency {node.name[-40:]} @{b}b: {cache[sig]:.4f} ms")
@@ -151,9 +176,15 @@ def latency_table(graph: Graph, stats: dict[str, TensorStats], *, target: str = 
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
         tmp.replace(path)
-    info = {"target": target, "device": device, "cache": str(path), "measured": measured, "cache_hits": hits,
-            "how": "device profile (median)" if device else "host TVM time_evaluator (median, 1 thread)",
-            "seconds": round(time.perf_counter() - t0, 2)}
+    info = {
+        "target": target,
+        "device": device,
+        "cache": str(path),
+        "measured": measured,
+        "cache_hits": hits,
+        "how": "device profile (median)" if device else "host TVM time_evaluator (median, 1 thread)",
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     return table, info
 
 
@@ -182,8 +213,14 @@ def cached_model_latency(qm: QuantModel, target: str = "host", device: str | Non
     return _cached(f"model:{qm.content_hash()}", target, device, lambda: model_latency(qm, target, device))
 
 
-def model_overhead(graph: Graph, stats: dict[str, TensorStats], table: dict[str, dict[int, float]], *,
-                   target: str = "host", device: str | None = None) -> float:
+def model_overhead(
+    graph: Graph,
+    stats: dict[str, TensorStats],
+    table: dict[str, dict[int, float]],
+    *,
+    target: str = "host",
+    device: str | None = None,
+) -> float:
     """Time of everything but the conv/dense layers: all-int8 model minus its layers' sum (>= 0)."""
     qm8 = quantize_graph(graph, None, weight_bits=8, stats=stats, progress=False)
     total = cached_model_latency(qm8, target, device)

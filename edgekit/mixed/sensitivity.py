@@ -40,9 +40,12 @@ class Sensitivity:
     details: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "seconds": round(self.seconds, 3),
-                "values": {k: {str(b): float(v) for b, v in d.items()} for k, d in self.values.items()},
-                **self.details}
+        return {
+            "method": self.method,
+            "seconds": round(self.seconds, 3),
+            "values": {k: {str(b): float(v) for b, v in d.items()} for k, d in self.values.items()},
+            **self.details,
+        }
 
 
 def weight_perturbation(w: np.ndarray, bits: int) -> float:
@@ -58,10 +61,18 @@ def _inputs(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray]) -> dict[s
     return {graph.inputs[0]: np.asarray(calib_x, np.float32)}
 
 
-def hessian_traces(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], *, iters: int = 16,
-                   min_iters: int = 4, batch_size: int = 128, max_samples: int = 512, seed: int = 0,
-                   tol: float = 0.02,
-                   loss: str = "kl") -> tuple[dict[str, float], dict[str, Any]]:
+def hessian_traces(
+    graph: Graph,
+    calib_x: np.ndarray | dict[str, np.ndarray],
+    *,
+    iters: int = 16,
+    min_iters: int = 4,
+    batch_size: int = 128,
+    max_samples: int = 512,
+    seed: int = 0,
+    tol: float = 0.02,
+    loss: str = "kl",
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Average Hessian trace per weighted layer (trace / number of weights), Hutchinson's estimator.
 
     Each round uses one batch of the calibration data (cycling) and one Rademacher probe per layer
@@ -80,7 +91,7 @@ def hessian_traces(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], *,
     if loss not in ("kl", "ce"):
         raise ValueError(f"loss must be 'kl' or 'ce', got {loss!r}")
     with torch.no_grad():
-        ref_logits = torch.cat([model(*[x[s:s + batch_size] for x in xs.values()]) for s in range(0, n, batch_size)])
+        ref_logits = torch.cat([model(*[x[s : s + batch_size] for x in xs.values()]) for s in range(0, n, batch_size)])
     ref_logp = F.log_softmax(ref_logits, dim=-1)
     gen = torch.Generator().manual_seed(seed)
     sums = np.zeros(len(params))
@@ -89,9 +100,9 @@ def hessian_traces(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], *,
     done = 0
     for it in range(iters):
         s = starts[it % len(starts)]
-        batch = [x[s:s + batch_size] for x in xs.values()]
+        batch = [x[s : s + batch_size] for x in xs.values()]
         logp = F.log_softmax(model(*batch), dim=-1)
-        target = ref_logp[s:s + batch_size]
+        target = ref_logp[s : s + batch_size]
         if loss == "kl":
             value = F.kl_div(logp, target, log_target=True, reduction="batchmean")
         else:
@@ -113,8 +124,9 @@ def hessian_traces(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], *,
     return out, {"hutchinson_probes": done, "samples": n, "batch_size": batch_size, "loss": loss}
 
 
-def hessian_sensitivity(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], bits: tuple[int, ...] = BITS,
-                        **kw: Any) -> Sensitivity:
+def hessian_sensitivity(
+    graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], bits: tuple[int, ...] = BITS, **kw: Any
+) -> Sensitivity:
     """HAWQ-V3 sensitivity: average Hessian trace x ||Q_b(W) - W||^2 per layer and bit width."""
     t0 = time.perf_counter()
     traces, info = hessian_traces(graph, calib_x, **kw)
@@ -140,9 +152,15 @@ def _probs(y: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def measured_sensitivity(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarray], stats: dict,
-                         bits: tuple[int, ...] = BITS, max_samples: int = 500, observer: str = "minmax",
-                         layers: list[str] | None = None) -> Sensitivity:
+def measured_sensitivity(
+    graph: Graph,
+    calib_x: np.ndarray | dict[str, np.ndarray],
+    stats: dict,
+    bits: tuple[int, ...] = BITS,
+    max_samples: int = 500,
+    observer: str = "minmax",
+    layers: list[str] | None = None,
+) -> Sensitivity:
     """KL(float || integer model with only ``layer`` at ``b`` bits, the rest at 8) on calibration data.
 
     The 8-bit entry of every layer is the KL of the all-int8 model (the common baseline).
@@ -163,5 +181,6 @@ def measured_sensitivity(graph: Graph, calib_x: np.ndarray | dict[str, np.ndarra
         if layers is not None and node.name not in layers:
             continue
         values[node.name] = {b: (base if b == 8 else kl_for({"*": 8, node.name: b})) for b in bits}
-    return Sensitivity("measured", values, time.perf_counter() - t0,
-                       {"samples": int(len(next(iter(feeds.values())))), "int8_kl": base})
+    return Sensitivity(
+        "measured", values, time.perf_counter() - t0, {"samples": int(len(next(iter(feeds.values())))), "int8_kl": base}
+    )

@@ -49,8 +49,23 @@ def to_torch(graph: Graph, logits: bool = True) -> Any:
     from torch import nn
     from torch.nn import functional as F  # noqa: N812
 
-    supported = {"conv2d", "dense", "add", "mul", "relu", "clip", "sigmoid", "hardswish", "maxpool", "avgpool",
-                 "concat", "reshape", "transpose", "pad", "softmax"}
+    supported = {
+        "conv2d",
+        "dense",
+        "add",
+        "mul",
+        "relu",
+        "clip",
+        "sigmoid",
+        "hardswish",
+        "maxpool",
+        "avgpool",
+        "concat",
+        "reshape",
+        "transpose",
+        "pad",
+        "softmax",
+    }
     bad = [(n.op, n.name) for n in graph.nodes if n.op not in supported]
     if bad:
         from edgekit.errors import UnsupportedOpsError
@@ -82,8 +97,9 @@ def to_torch(graph: Graph, logits: bool = True) -> Any:
             for i, v in enumerate(graph.constants.values()):
                 self.register_buffer(f"const{i}", torch.tensor(np.asarray(v, np.float32)))
             self.const_names = {k: f"const{i}" for i, k in enumerate(graph.constants)}
-            self.skip_softmax = {n.outputs[0] for n in graph.nodes if n.op == "softmax" and logits
-                                 and n.outputs[0] in graph.outputs}
+            self.skip_softmax = {
+                n.outputs[0] for n in graph.nodes if n.op == "softmax" and logits and n.outputs[0] in graph.outputs
+            }
 
         def forward(self, *inputs: Any) -> Any:
             env: dict[str, Any] = dict(zip(graph.inputs, inputs, strict=True))
@@ -101,8 +117,14 @@ def to_torch(graph: Graph, logits: bool = True) -> Any:
                 i = self.index[n.name]
                 w = self.weights[i].permute(0, 3, 1, 2)
                 x = windows_pad(xs[0].permute(0, 3, 1, 2), a["pads"], 0.0)
-                y = F.conv2d(x, w, getattr(self, f"bias{i}"), stride=tuple(a["strides"]),
-                             dilation=tuple(a["dilations"]), groups=a["groups"])
+                y = F.conv2d(
+                    x,
+                    w,
+                    getattr(self, f"bias{i}"),
+                    stride=tuple(a["strides"]),
+                    dilation=tuple(a["dilations"]),
+                    groups=a["groups"],
+                )
                 return act(y.permute(0, 2, 3, 1), n)
             if n.op == "dense":
                 i = self.index[n.name]

@@ -81,8 +81,15 @@ def build_tarball() -> Path:
     mirror = debian_mirror()
     log(f"building the aarch64 rootfs from {mirror} (a few minutes, once per machine)")
     subprocess.run(
-        ["debootstrap", "--arch=arm64", "--variant=minbase", "--include=" + ",".join(DEB_PACKAGES),
-         SUITE, str(root), mirror],
+        [
+            "debootstrap",
+            "--arch=arm64",
+            "--variant=minbase",
+            "--include=" + ",".join(DEB_PACKAGES),
+            SUITE,
+            str(root),
+            mirror,
+        ],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -90,10 +97,27 @@ def build_tarball() -> Path:
     site = root / "opt/site"
     plat = [a for p in PIP_PLATFORMS for a in ("--platform", p)]
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
-         "--root-user-action=ignore",
-         "--target", str(site), "--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-         "--abi", "cp311", *plat, *PIP_PACKAGES],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--root-user-action=ignore",
+            "--target",
+            str(site),
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--abi",
+            "cp311",
+            *plat,
+            *PIP_PACKAGES,
+        ],
         check=True,
     )
     (root / "usr/lib/python3/dist-packages/edgekit-site.pth").write_text("/opt/site\n")

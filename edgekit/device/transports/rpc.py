@@ -95,8 +95,14 @@ class RPCSession:
         self.entry = (manifest.get("extra") or {}).get("entry", "main")
         self.output_names = [o["name"] for o in manifest.get("outputs", [])] or ["output"]
         self.batch = int((manifest.get("extra") or {}).get("batch", 0) or 0)
-        return {"load_ms": (time.perf_counter() - t0) * 1e3, "runtime": "tvm", "rss_before_kib": 0,
-                "rss_after_kib": 0, "per_layer": False, "load_timed_on": "host"}
+        return {
+            "load_ms": (time.perf_counter() - t0) * 1e3,
+            "runtime": "tvm",
+            "rss_before_kib": 0,
+            "rss_after_kib": 0,
+            "per_layer": False,
+            "load_timed_on": "host",
+        }
 
     def _args(self, inputs: dict[str, np.ndarray]) -> list[Any]:
         import tvm
@@ -135,8 +141,13 @@ class RPCSession:
             result = timer(*args)
         except Exception as exc:
             raise DeviceConnectionError(f"{self.url}: time_evaluator failed ({exc})") from exc
-        return {"latencies_ms": [float(r) * 1e3 for r in result.results], "warmup_ms": warmup_ms, "layers_ms": {},
-                "peak_rss_kib": None, "window": [start, time.monotonic()]}
+        return {
+            "latencies_ms": [float(r) * 1e3 for r in result.results],
+            "warmup_ms": warmup_ms,
+            "layers_ms": {},
+            "peak_rss_kib": None,
+            "window": [start, time.monotonic()],
+        }
 
     def intermediates(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise DeviceError("a TVM RPC server cannot return intermediate tensors; validate a 'reference' artifact")
@@ -156,8 +167,12 @@ def open_rpc(url: str, parts: Any, query: dict[str, str], timeout: float) -> RPC
     except TimeoutError as exc:
         raise DeviceTimeout(f"{url}: no TVM RPC answer within the timeout ({exc})") from exc
     except Exception as exc:  # TVM raises TVMError / RuntimeError subclasses
-        how = (f"python -m tvm.exec.rpc_tracker --port {port}` and register the device's server with --tracker "
-               f"and --key {key}" if key else f"python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}`")
+        how = (
+            f"python -m tvm.exec.rpc_tracker --port {port}` and register the device's server with --tracker "
+            f"and --key {key}"
+            if key
+            else f"python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}`"
+        )
         raise DeviceConnectionError(
             f"{url}: cannot reach the TVM RPC {'tracker' if key else 'server'} at {host}:{port} ({exc}); start one "
             f"with `{how}"

@@ -177,7 +177,8 @@ def conv2d_dot(
     intrinsic tensorizes: ``acc[n, oh, ow, O/nb, nb]``, reduced over (kh, kw, I/kb, kb).
 
     Stages (names the schedule relies on): ``act`` (padded, channel padded to kb with zeros, shifted
-    by +128 for u8 activations; padded cells hold ``zin`` [+128]), ``conv_acc`` and ``requant``.
+    by +128 for u8 activations; padded cells hold ``zin`` [+128]; a plain elementwise map without
+    padding, which the schedule then inlines), ``conv_acc`` and ``requant``.
     The bias must come from ``fold_input_zero_point_dot`` with the same ``unsigned``; ``narrow``: the
     32-bit epilogue (``requant.narrow_ok`` must hold); ``then``: a further elementwise step computed in
     the ``requant`` stage (a fused residual add, see ``requant.epilogue``), so the schedule is unchanged."""
@@ -194,8 +195,8 @@ def conv2d_dot(
         v = x[b, i - top, j - left, ch]
         if unsigned:
             v = (v.astype("int32") + 128).astype("uint8")
-        inside = tirx.all(i >= top, i < top + h, j >= left, j < left + wd)
-        v = tirx.if_then_else(inside, v, fill)
+        if top or left or bottom or right:
+            v = tirx.if_then_else(tirx.all(i >= top, i < top + h, j >= left, j < left + wd), v, fill)
         return v if cp == c else tirx.if_then_else(ch < c, v, zero)
 
     xa = te.compute((n, h + top + bottom, wd + left + right, cp), act, name="act")

@@ -93,6 +93,54 @@ def _vnni_impl(
 
 TensorIntrin.register(VNNI_INTRIN, _vnni_desc, _vnni_impl, override=True)
 
+
+@T.prim_func(s_tir=True)
+def _vnni_s8_desc(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(T.cast(T.cast(A[vk], "int32") + 128, "uint8"), "int32") * T.cast(
+                        B[vi, vk], "int32"
+                    )
+
+
+@T.prim_func(s_tir=True)
+def _vnni_s8_impl(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    # int8 activations read as they are; x + 128 as u8 is x with its top bit flipped: one XOR per broadcast
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(
+                T.broadcast(
+                    T.bitwise_xor(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), T.int32(-2139062144)), 16
+                ),
+                dtype="uint8x64",
+            ),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+# VNNI over int8 activations shifted inside the intrinsic: the 1x1 convolutions without padding read
+# their input in place instead of through a shifted copy (-2139062144 is 0x80808080)
+VNNI_S8_INTRIN = "edgekit_dot_16x4_vnni_s8"
+TensorIntrin.register(VNNI_S8_INTRIN, _vnni_s8_desc, _vnni_s8_impl, override=True)
+
 # intrinsic -> (activation dtype, nb, kb)
 LAYOUTS = {VNNI_INTRIN: ("uint8", 16, 4), SDOT_INTRIN: ("int8", 4, 4), NEON_INTRIN: ("int8", 4, 4)}
 
@@ -254,6 +302,11 @@ def schedule_conv(
     stay in registers across the (kh, kw, I/kb) reduction (window loops outside the channel blocks when
     ``window_outer``), the intrinsic does (nb x kb); the requantization epilogue runs per tile while the
     accumulators are in cache. Blocks that do not divide their extent fall back to the largest divisor."""
+    act = sch.get_sblock("act")
+    if "if_then_else" not in str(sch.get(act).body):  # no padding: read the input in place
+        sch.compute_inline(act)
+        act = None
+        intrin = VNNI_S8_INTRIN if intrin == VNNI_INTRIN else intrin
     blk = sch.get_sblock("conv_acc")
     b, i, j, ob, oi, rh, rw, rco, rci = sch.get_loops(blk)
     io, ih = sch.split(i, [None, _divisor(_extent(sch, i), oh_block)])
@@ -276,8 +329,8 @@ def schedule_conv(
     sch.unroll(ih)
     sch.unroll(jw)
     sch.unroll(obi)
-    act = sch.get_sblock("act")
-    schedule_rowwise(sch, act, parallel=False)
+    if act is not None:
+        schedule_rowwise(sch, act, parallel=False)
     if _has_block(sch, "w_unpack"):
         unp = sch.get_sblock("w_unpack")
         *outer, oi, ri = sch.get_loops(unp)

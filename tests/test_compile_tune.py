@@ -198,6 +198,29 @@ def test_tune_measures_through_an_rpc_tracker(rpc_tracker, tmp_path, monkeypatch
     assert all(secs and 0 < min(secs) < 1 for secs in run_secs)  # measured times, not failures (1e10)
 
 
+def test_knob_search_measures_through_an_rpc_tracker(rpc_tracker, tmp_path, monkeypatch):
+    """The default (tensorized) path tunes its knobs on the device too: candidates built here, each
+    measured on the server behind the tracker, the result bit-exact."""
+    from tvm.s_tir.meta_schedule import runner
+
+    from edgekit.compile.targets import get_target
+    from kernels.tensorize import intrin_for
+
+    if intrin_for(get_target("host").tvm_target()) is None:
+        pytest.skip("no dot-product intrinsic on this CPU: no knob space to search")
+
+    def no_local(*_a, **_k):
+        raise AssertionError("measured locally, not through RPC")
+
+    monkeypatch.setattr(runner, "LocalRunner", no_local)
+    rpc = {"tracker": rpc_tracker, "key": "ektune", "timeout": 30}
+    r = compile_model(_tiny(), "host", tmp_path / "t.tar", tune=True, trials=3, tuning_dir=tmp_path / "db", rpc=rpc)
+    ex = r.manifest["extra"]
+    assert ex["tuning_measured_on"] == f"rpc:{rpc_tracker}/ektune" and ex["tuned_kernels"] == 1
+    assert ex["tuning_trials_run"] >= 2 and ex["tuning_trials_failed"] == 0
+    assert ex["verified"]["mismatches"] == 0
+
+
 def test_unreachable_rpc_tracker_or_unknown_key_is_a_clear_error(rpc_tracker, tmp_path):
     for rpc, msg in [
         (

@@ -44,21 +44,15 @@ import numpy as np
 
 import edgekit.compile  # noqa: F401  (puts the top-level ``kernels`` package on the path in a checkout)
 from edgekit.errors import EdgekitError
-from edgekit.llm.qlm import ActQ, QLinear, QuantLM, accumulator_bits, int_linear, rescale_to
+from edgekit.llm.qlm import LINEAR_INPUTS, ActQ, QLinear, QuantLM, accumulator_bits, int_linear, rescale_to
 from edgekit.quant.arith import quantize_multiplier
 
-LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
-# linear -> (input activation, output activation or None for the exact accumulator)
-WIRING = {
-    "q": ("attn_in", None),
-    "k": ("attn_in", None),
-    "v": ("attn_in", "v"),
-    "o": ("attn_out", "o_out"),
-    "gate": ("mlp_in", "gate"),
-    "up": ("mlp_in", "up"),
-    "down": ("h", "down_out"),
-}
-INPUTS = ("attn_in", "attn_out", "mlp_in", "h")
+LINEARS = tuple(LINEAR_INPUTS)
+# the activation each linear's output is quantized to (None: the exact accumulator, rescaled later)
+OUTPUTS = {"q": None, "k": None, "v": "v", "o": "o_out", "gate": "gate", "up": "up", "down": "down_out"}
+# linear -> (input activation, output activation); the inputs are qlm's own table
+WIRING = {k: (LINEAR_INPUTS[k], OUTPUTS[k]) for k in LINEARS}
+INPUTS = tuple(dict.fromkeys(LINEAR_INPUTS.values()))
 
 
 class LMCompileError(EdgekitError):

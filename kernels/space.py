@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import product
+from math import prod
 from typing import Any
 
 from kernels import schedule as ksched
@@ -50,17 +51,10 @@ def _tiles(extents: list[int], limits: list[int], budget: int) -> list[tuple[int
     """Register tiles (one divisor of each extent, each under its limit) with at most ``budget``
     accumulators, dropping tiles under a quarter of the largest one that fits (too few independent
     accumulators to hide the multiply-add latency)."""
-    tiles = [t for t in product(*(_divisors(e, lim) for e, lim in zip(extents, limits, strict=True)))]
-    tiles = [t for t in tiles if _prod(t) <= budget] or [tuple(1 for _ in extents)]
-    biggest = max(_prod(t) for t in tiles)
-    return [t for t in tiles if _prod(t) * 4 >= biggest]
-
-
-def _prod(t) -> int:
-    out = 1
-    for v in t:
-        out *= v
-    return out
+    tiles = list(product(*(_divisors(e, lim) for e, lim in zip(extents, limits, strict=True))))
+    tiles = [t for t in tiles if prod(t) <= budget] or [tuple(1 for _ in extents)]
+    biggest = max(prod(t) for t in tiles)
+    return [t for t in tiles if prod(t) * 4 >= biggest]
 
 
 def _extents(sch, block: str) -> list[int]:
@@ -88,7 +82,7 @@ def knob_space(sch, kind: str, intrin: str | None) -> Iterator[dict[str, Any]]:
 
 
 def _macs(sch, block: str) -> int:
-    return _prod(_extents(sch, block))
+    return prod(_extents(sch, block))
 
 
 def _parallel_choices(macs: int) -> tuple[bool, ...]:

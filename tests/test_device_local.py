@@ -128,6 +128,30 @@ def test_cli_register_and_json_reports(tmp_path, r8_artifact, val_data, capsys):
     assert "median" in capsys.readouterr().out
 
 
+def test_cli_takes_bare_model_files(tmp_path, resnet8_int8, monkeypatch, capsys):
+    """A .tflite, an .onnx and a CNN .ekq are profiled as they are (packed for LiteRT, onnxruntime and
+    the reference executor, inputs read from the files, cached on content)."""
+    from edgekit.artifact import read_manifest
+    from edgekit.device import artifacts
+    from edgekit.device.cli import main
+    from tests.device_helpers import LITERT_INT8, RESNET8_ONNX
+
+    monkeypatch.setattr(artifacts, "MODEL_FILE_CACHE", tmp_path / "cache")
+    ekq = resnet8_int8.save(tmp_path / "r8.ekq")
+    files = [str(LITERT_INT8), str(RESNET8_ONNX), str(ekq)]
+    assert main(["profile", *files, "--device", url(tmp_path), "--runs", "3", "--threads", "1", "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)["reports"]
+    assert [r["runtime"] for r in reports] == ["tflite", "onnxruntime", "reference"]
+    assert [r["artifact"] for r in reports] == files
+    assert all(r["median_ms"] > 0 for r in reports)
+    tfl = read_manifest(artifacts.model_file_artifact(LITERT_INT8))
+    assert tfl["inputs"][0]["dtype"] == "int8" and tfl["inputs"][0]["shape"] == [1, 32, 32, 3]
+    assert "scale" in tfl["inputs"][0] and len(list((tmp_path / "cache").glob("*.tar"))) == 3
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert main(["profile", str(tmp_path / "notes.txt"), "--device", url(tmp_path)]) == 2
+    assert "not a readable edgekit artifact" in capsys.readouterr().err
+
+
 def test_cli_errors_say_what_to_do(tmp_path, capsys):
     from edgekit.device.cli import main
 

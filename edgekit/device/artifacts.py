@@ -1,10 +1,12 @@
 """Artifact builders for the device runner: a ``reference`` artifact from a QuantModel, and runtime
 artifacts (``tflite``, ``onnxruntime``) that carry the ``.ekq`` they came from as ``reference.ekq``
-so ``edgekit validate`` finds its host reference without being told.
+so ``edgekit validate`` finds its host reference without being told. ``model_file_artifact`` packs a
+bare model file (``.tflite``, ``.onnx``, a CNN ``.ekq``) so the device commands take it as it is.
 """
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -88,3 +90,60 @@ def example_inputs(manifest: dict[str, Any], seed: int = 0) -> dict[str, np.ndar
     if not feeds:
         raise ValueError("the artifact's manifest lists no inputs; pass --input DATA.npz")
     return feeds
+
+
+MODEL_FILE_CACHE = Path.home() / ".cache" / "edgekit" / "device-artifacts"
+MODEL_FILE_RUNTIMES = {".tflite": "tflite", ".onnx": "onnxruntime", ".ekq": "reference"}
+
+
+def _tflite_io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    from edgekit.device.runtimes.litert import interpreter_class
+
+    it = interpreter_class()(model_path=str(path))
+
+    def spec(d: dict[str, Any]) -> dict[str, Any]:
+        out = {"name": d["name"], "shape": [int(v) for v in d["shape"]], "dtype": np.dtype(d["dtype"]).name}
+        scale, zero = d.get("quantization", (0.0, 0))
+        if scale:
+            out["scale"], out["zero_point"] = float(scale), int(zero)
+        return out
+
+    return [spec(d) for d in it.get_input_details()], [spec(d) for d in it.get_output_details()]
+
+
+def _onnx_io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    import onnx
+    from onnx import helper
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    known = {i.name for i in g.initializer}
+
+    def spec(v) -> dict[str, Any]:
+        t = v.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        return {"name": v.name, "shape": shape, "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name}
+
+    return [spec(v) for v in g.input if v.name not in known], [spec(v) for v in g.output]
+
+
+def model_file_artifact(path: str | Path) -> Path | None:
+    """A bare ``.tflite`` / ``.onnx`` / CNN ``.ekq`` packed as a device artifact (``tflite``,
+    ``onnxruntime`` or ``reference`` runtime; cached on the file's content), or None for anything
+    else. Inputs and outputs come from the model file itself."""
+    path = Path(path)
+    runtime = MODEL_FILE_RUNTIMES.get(path.suffix.lower())
+    if runtime is None or not path.is_file():
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    art = MODEL_FILE_CACHE / f"{path.stem}-{runtime}-{digest}.tar"
+    if art.is_file():
+        return art
+    MODEL_FILE_CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = art.with_name(art.stem + ".partial.tar")
+    if runtime == "reference":
+        pack_reference_artifact(path, tmp)
+    else:
+        inputs, outputs = (_tflite_io if runtime == "tflite" else _onnx_io)(path)
+        pack_runtime_artifact(path, runtime, tmp, inputs=inputs, outputs=outputs)
+    tmp.replace(art)
+    return art

@@ -82,12 +82,24 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _artifact(path: str, data: str | None = None) -> tuple[str, str | Path | None]:
+    """What the device commands accept: an artifact ``.tar``; an ``edgekit.lm`` ``.ekq`` (packed as an
+    ``lm`` artifact, with its example prompt as data); a bare ``.tflite`` / ``.onnx`` / CNN ``.ekq``
+    (packed for LiteRT / onnxruntime / the reference executor)."""
+    from edgekit.device.artifacts import model_file_artifact
+    from edgekit.llm.artifact import device_artifact
+
+    art, data = device_artifact(path, data)
+    if art == str(path):
+        art = str(model_file_artifact(path) or path)
+    return art, data
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from edgekit.device.deploy import deploy
-    from edgekit.llm.artifact import device_artifact  # an edgekit.lm .ekq is packed as an "lm" artifact
 
     with _open(args) as s:
-        res = deploy(s, device_artifact(args.artifact)[0], progress=_progress("upload"), force=args.force)
+        res = deploy(s, _artifact(args.artifact)[0], progress=_progress("upload"), force=args.force)
     if args.json:
         print(json.dumps(res.to_json(), indent=1))
     else:
@@ -98,24 +110,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from edgekit.device import profile as prof
-    from edgekit.llm.artifact import add_token_rates, device_artifact  # LMs: .ekq accepted, tokens/s reported
+    from edgekit.llm.artifact import add_token_rates  # LMs: tokens/s reported
 
     reports = []
     with _open(args) as s:
-        for artifact, data in (device_artifact(a, args.input) for a in args.artifact):
-            reports.append(
-                add_token_rates(
-                    prof.profile(
-                        s,
-                        artifact,
-                        runs=args.runs,
-                        warmup=args.warmup,
-                        threads=args.threads,
-                        data=data,
-                        timeout=args.timeout,
-                    )
-                )
+        for given in args.artifact:
+            artifact, data = _artifact(given, args.input)
+            report = prof.profile(
+                s, artifact, runs=args.runs, warmup=args.warmup, threads=args.threads, data=data, timeout=args.timeout
             )
+            report = add_token_rates(report)
+            report["artifact"] = given  # the file the user named, not the packed copy in the cache
+            reports.append(report)
     if args.png:
         prof.render_png(reports, args.png)
     if args.json:
@@ -133,7 +139,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     with _open(args) as s:
         report = validate(
             s,
-            args.artifact,
+            _artifact(args.artifact)[0],
             args.data,
             reference=args.reference,
             float_model=args.float_model,

@@ -8,16 +8,21 @@ from typing import Any
 from edgekit.device.runtimes.base import AgentError, LoadedModel
 
 
+def interpreter_class():
+    """LiteRT's Interpreter, or tflite-runtime's where only that exists."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError as exc:
+            raise AgentError("no LiteRT on the device: pip install ai-edge-litert (or tflite-runtime)") from exc
+    return Interpreter
+
+
 class TFLiteModel(LoadedModel):
     def __init__(self, path: Path, manifest: dict[str, Any], threads: int):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            try:
-                from tflite_runtime.interpreter import Interpreter
-            except ImportError as exc:
-                raise AgentError("no LiteRT on the device: pip install ai-edge-litert (or tflite-runtime)") from exc
-        self.interp = Interpreter(model_path=str(path), num_threads=threads or None)
+        self.interp = interpreter_class()(model_path=str(path), num_threads=threads or None)
         self.interp.allocate_tensors()
         self.inputs = self.interp.get_input_details()
         self.outputs = self.interp.get_output_details()

@@ -14,6 +14,10 @@ from tvm import te, tirx
 
 from kernels.requant import epilogue
 
+# block annotation of a conv2d_dot ``act`` stage that only maps each input element (no padding): the
+# schedule inlines it and the kernel reads its input in place
+PLAIN_MAP = "edgekit.plain_map"
+
 
 def out_size(size: int, k: int, stride: int, dilation: int, before: int, after: int) -> int:
     return (size + before + after - ((k - 1) * dilation + 1)) // stride + 1
@@ -199,7 +203,10 @@ def conv2d_dot(
             v = tirx.if_then_else(tirx.all(i >= top, i < top + h, j >= left, j < left + wd), v, fill)
         return v if cp == c else tirx.if_then_else(ch < c, v, zero)
 
-    xa = te.compute((n, h + top + bottom, wd + left + right, cp), act, name="act")
+    plain = not (top or left or bottom or right) and cp == c  # an elementwise map the schedule inlines
+    xa = te.compute(
+        (n, h + top + bottom, wd + left + right, cp), act, name="act", attrs={PLAIN_MAP: 1} if plain else None
+    )
     rh, rw = g.reduce_axes()
     rco = te.reduce_axis((0, ib), "rco")
     rci = te.reduce_axis((0, kb), "rci")

@@ -23,6 +23,7 @@ from tvm import te
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from kernels.conv2d import PLAIN_MAP
 from kernels.requant import epilogue
 
 
@@ -303,7 +304,7 @@ def schedule_conv(
     ``window_outer``), the intrinsic does (nb x kb); the requantization epilogue runs per tile while the
     accumulators are in cache. Blocks that do not divide their extent fall back to the largest divisor."""
     act = sch.get_sblock("act")
-    if "if_then_else" not in str(sch.get(act).body):  # no padding: read the input in place
+    if PLAIN_MAP in sch.get(act).annotations:  # no padding: read the input in place
         sch.compute_inline(act)
         act = None
         intrin = VNNI_S8_INTRIN if intrin == VNNI_INTRIN else intrin

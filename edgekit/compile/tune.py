@@ -83,25 +83,27 @@ def _in_process_builder(cross_cc: str | None):
     return InProcessBuilder()
 
 
+def _tagged_kernel(task):
+    """The kernel of an extracted task that carries an edgekit schedule kind, or None."""
+    from kernels import space as kspace
+
+    return next((f for f in task.dispatched[0].functions.values() if kspace.kind_and_intrin(f)[0]), None)
+
+
 def _task_kind(task) -> str | None:
     """The schedule kind of an extracted task's kernel (None: no hand schedule)."""
     from kernels import space as kspace
 
-    for f in task.dispatched[0].functions.values():
-        kind, _intrin = kspace.kind_and_intrin(f)
-        if kind is not None:
-            return kind
-    return None
+    f = _tagged_kernel(task)
+    return None if f is None else kspace.kind_and_intrin(f)[0]
 
 
 def _space_size(task) -> int:
     """Candidates a knob task can offer (unbounded for MetaSchedule's generic rules)."""
     from kernels import space as kspace
 
-    if _task_kind(task) not in kspace.TUNABLE:
-        return 1 << 30
-    func = next(f for f in task.dispatched[0].functions.values() if kspace.kind_and_intrin(f)[0])
-    return kspace.space_size(func)
+    f = _tagged_kernel(task)
+    return 1 << 30 if f is None else kspace.space_size(f)
 
 
 def _is_scheduled(f) -> bool:

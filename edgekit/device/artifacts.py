@@ -6,14 +6,13 @@ bare model file (``.tflite``, ``.onnx``, a CNN ``.ekq``) so the device commands 
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekit.artifact import pack_artifact
+from edgekit.artifact import pack_artifact, sha256_file
 from edgekit.qmodel import QuantModel, load
 
 REFERENCE_MEMBER = "reference.ekq"
@@ -134,7 +133,7 @@ def model_file_artifact(path: str | Path) -> Path | None:
     runtime = MODEL_FILE_RUNTIMES.get(path.suffix.lower())
     if runtime is None or not path.is_file():
         return None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:20]
+    digest = sha256_file(path)[:20]
     art = MODEL_FILE_CACHE / f"{path.stem}-{runtime}-{digest}.tar"
     if art.is_file():
         return art

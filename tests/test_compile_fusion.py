@@ -94,20 +94,9 @@ def test_standalone_add_int32_bounds_are_exact():
     accepted = 0
     for trial in range(40):
         ls = int(rng.choice([20, 20, 22, 23, 24]))
-        ma, sa = quantize_multiplier(float(rng.uniform(0.05, 1.0)) * (4.0 if trial % 7 == 0 else 1.0))
-        mb, sb = quantize_multiplier(float(rng.uniform(0.05, 1.0)))
-        mo, so = quantize_multiplier(2.0**-ls * float(rng.uniform(0.3, 4.0)))
-        p = dict(
-            za=int(rng.integers(-128, 128)),
-            zb=int(rng.integers(-128, 128)),
-            zout=int(rng.integers(-128, 128)),
-            left_shift=ls,
-            multiplier_a=ma,
-            shift_a=sa,
-            multiplier_b=mb,
-            shift_b=sb,
-            multiplier=mo,
-            shift=so,
+        p = _add_params(rng, ls, a_scale=4.0 if trial % 7 == 0 else 1.0)
+        ma, sa, mb, sb, mo, so = (
+            p[k] for k in ("multiplier_a", "shift_a", "multiplier_b", "shift_b", "multiplier", "shift")
         )
         if not kew.add_narrow_ok(**p):
             continue
@@ -144,8 +133,9 @@ def test_standalone_add_int32_bounds_are_exact():
     )
 
 
-def _add_params(rng, ls: int, big_a: bool = False) -> dict:
-    ma, sa = quantize_multiplier(float(rng.uniform(0.05, 1.0)) * (9.0 if big_a else 1.0))
+def _add_params(rng, ls: int, a_scale: float = 1.0) -> dict:
+    """Random TFLite ADD parameters around left shift ``ls``; operand a's scale ratio times ``a_scale``."""
+    ma, sa = quantize_multiplier(float(rng.uniform(0.05, 1.0)) * a_scale)
     mb, sb = quantize_multiplier(float(rng.uniform(0.05, 1.0)))
     mo, so = quantize_multiplier(2.0**-ls * float(rng.uniform(0.3, 4.0)))
     z = rng.integers(-128, 128, 3)
@@ -176,7 +166,7 @@ def test_standalone_add_kernel_exact_on_every_int8_pair():
     target = get_target("host").tvm_target()
     va, vb = (v.astype(np.int8) for v in np.meshgrid(np.arange(-128, 128), np.arange(-128, 128), indexing="ij"))
     rng = np.random.default_rng(5)
-    cases = [_add_params(rng, ls) for ls in (20, 20, 23, 4)] + [_add_params(rng, 16, big_a=True)]
+    cases = [_add_params(rng, ls) for ls in (20, 20, 23, 4)] + [_add_params(rng, 16, a_scale=9.0)]
     cases.append(dict(cases[0], left_shift=24))  # int64 only (x << 24 does not fit int32)
     kinds = set()
     for p in cases:

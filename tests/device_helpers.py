@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -231,3 +234,40 @@ def tampered_tvm_artifact(qm, layer_index: int, target: str, out: Path) -> tuple
         files = {"model.so": Path(tmp) / "model.so", "reference.ekq": qm.save(Path(tmp) / "reference.ekq")}
         pack_artifact(out, {k: v for k, v in manifest.items() if k != "files"}, files)
     return out, node.name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start_module(args: list[str]) -> subprocess.Popen:
+    """``python -m ARGS`` (a TVM RPC tracker or server) in its own process group: its forked workers
+    are ended with it by ``stop_group``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

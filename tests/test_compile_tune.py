@@ -4,10 +4,6 @@ kernels, fallback to untuned kernels on a mismatch, and a clear error when nothi
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +16,7 @@ tvm = pytest.importorskip("tvm")
 pytest.importorskip("xgboost")
 from edgekit.compile import build, compile_model, synth  # noqa: E402
 from edgekit.compile.tune import TuningError  # noqa: E402
+from tests.device_helpers import free_port, start_module, stop_group, wait_port  # noqa: E402
 
 # random schedules, no cost model: the database/reuse/fallback logic without minutes of search
 CHEAP = {"search": "replay"}
@@ -108,52 +105,23 @@ def test_tensorized_kernels_are_tuned_over_their_knobs(tmp_path):
     assert again.manifest["extra"]["tuning_trials_run"] == 0 and again.manifest["extra"]["tuned_kernels"] == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    """A TVM RPC process in its own process group (its forked workers are ended with it)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def rpc_tracker(request):
     """A real TVM RPC tracker on 127.0.0.1 with one server registered under the key "ektune"."""
     pytest.importorskip("tornado")
     from tvm import rpc
 
-    tport, sport = _free_port(), _free_port()
+    tport, sport = free_port(), free_port()
     procs = [
-        _start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end", str(tport + 1)])
+        start_module(
+            ["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end", str(tport + 1)]
+        )
     ]
-    request.addfinalizer(lambda: [_stop(p) for p in reversed(procs)])
+    request.addfinalizer(lambda: [stop_group(p) for p in reversed(procs)])
+    wait_port(tport, timeout=30)
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", tport), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the RPC tracker did not start"
-            time.sleep(0.2)
     procs.append(
-        _start(
+        start_module(
             [
                 "tvm.exec.rpc_server",
                 "--host",
@@ -224,7 +192,7 @@ def test_knob_search_measures_through_an_rpc_tracker(rpc_tracker, tmp_path, monk
 def test_unreachable_rpc_tracker_or_unknown_key_is_a_clear_error(rpc_tracker, tmp_path):
     for rpc, msg in [
         (
-            {"tracker": f"127.0.0.1:{_free_port()}", "key": "ektune", "timeout": 5},
+            {"tracker": f"127.0.0.1:{free_port()}", "key": "ektune", "timeout": 5},
             "cannot reach the TVM RPC tracker at 127.0.0.1:",
         ),
         (

@@ -3,11 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,40 +15,7 @@ from edgekit.device.errors import DeviceConnectionError, DeviceError  # noqa: E4
 from edgekit.device.profile import profile  # noqa: E402
 from edgekit.device.transports import open_session  # noqa: E402
 from edgekit.device.validate import validate  # noqa: E402
-from tests.device_helpers import test_subset  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def start(args: list[str]) -> subprocess.Popen:
-    """A TVM process in its own process group (its workers are children; the group is ended)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", *args], start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+from tests.device_helpers import free_port, start_module, stop_group, test_subset, wait_port  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +28,14 @@ def tvm_artifact(tmp_path_factory, resnet8_int8) -> Path:
 @pytest.fixture(scope="module")
 def rpc_server():
     port = free_port()
-    proc = start(["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)])
+    proc = start_module(
+        ["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)]
+    )
     try:
         wait_port(port)
         yield f"rpc://127.0.0.1:{port}"
     finally:
-        stop(proc)
+        stop_group(proc)
 
 
 def test_rpc_profile_and_validate_bit_exact(rpc_server, tvm_artifact, tmp_path):
@@ -88,11 +52,13 @@ def test_rpc_profile_and_validate_bit_exact(rpc_server, tvm_artifact, tmp_path):
 
 def test_rpc_through_a_tracker(tvm_artifact, tmp_path):
     tport, sport = free_port(), free_port()
-    tracker = start(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end", str(tport + 1)])
+    tracker = start_module(
+        ["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(tport), "--port-end", str(tport + 1)]
+    )
     server = None
     try:
         wait_port(tport)
-        server = start(
+        server = start_module(
             [
                 "tvm.exec.rpc_server",
                 "--host",
@@ -122,8 +88,8 @@ def test_rpc_through_a_tracker(tvm_artifact, tmp_path):
         assert out["bit_exact_fraction"] == 1.0
     finally:
         if server is not None:
-            stop(server)
-        stop(tracker)
+            stop_group(server)
+        stop_group(tracker)
 
 
 def test_rpc_refuses_non_tvm_artifacts_and_unreachable_servers(rpc_server, tmp_path, resnet8_int8):
